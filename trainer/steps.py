@@ -1,0 +1,179 @@
+"""One critic step and one generator step: how the losses of `trainer/losses.py` meet DDP, AMP and the streams.
+
+The rules these steps keep (see ../shared/reference/wgan-div.md, "Known traps"):
+- Critic step: fakes are generated without a graph by G's unwrapped module (no penalty graph through G, no G
+  all-reduce); ONE forward of the DDP-wrapped critic on [real; fake (; penalty points)]; the penalty's gradient
+  is `autograd.grad` w.r.t. that INPUT with create_graph=True, which fires none of DDP's parameter hooks; then
+  ONE ordinary backward of (adversarial loss + penalty), so DDP all-reduces D's gradients exactly once.
+- Generator step: D's unwrapped module with its parameters frozen, so D is neither all-reduced nor given
+  gradients; G's DDP wrapper all-reduces G once.
+- Every random draw comes from (seed, stream, step) for the GLOBAL batch, and each rank keeps its rows, so N
+  processes compute exactly what one process computes on the whole batch.
+- fp16: the input gradient is taken of the scaled output and unscaled out of place; the penalty is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer import losses
+from trainer.randomness import Streams
+
+
+@dataclass
+class StepResult:
+    stats: dict[str, torch.Tensor]  # device scalars, read only when logging
+    skipped: bool  # the update was skipped for non-finite gradients (identical on every rank)
+
+
+@dataclass
+class Nets:
+    """The prepared (possibly DDP-wrapped) networks and their unwrapped modules."""
+
+    generator: nn.Module
+    critic: nn.Module
+    generator_core: nn.Module
+    critic_core: nn.Module
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """sqrt(sum ||grad||^2) over the parameters that have a gradient, as a device scalar (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def block_grad_norms(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Gradient norm per top-level block (`input`, `blocks.0`, ..., `output`) and in total."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, parameter in module.named_parameters():
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        groups.setdefault(block, []).append(parameter)
+    norms = {f"{prefix}/{block}": grad_norm(params) for block, params in groups.items()}
+    norms[f"{prefix}/total"] = grad_norm(module.parameters())
+    return norms
+
+
+class TrainingSteps:
+    """Critic and generator steps over one set of nets, optimizers and streams.
+
+    `accelerator` provides backward (with the shared fp16 scaler), the scaler itself and gather. `rows` is this
+    process's slice of the global batch.
+    """
+
+    def __init__(
+        self,
+        nets: Nets,
+        opt_g,
+        opt_d,
+        accelerator,
+        loss_cfg,
+        streams: Streams,
+        global_batch: int,
+        rows: slice,
+        z_dim: int,
+        channels_last: bool = False,
+    ):
+        self.nets, self.opt_g, self.opt_d, self.accelerator = nets, opt_g, opt_d, accelerator
+        self.loss_cfg, self.streams, self.global_batch, self.rows, self.z_dim = (
+            loss_cfg,
+            streams,
+            global_batch,
+            rows,
+            z_dim,
+        )
+        self.device = accelerator.device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.guard_on_host = accelerator.scaler is None  # with fp16, the scaler detects non-finite gradients
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def latents(self, stream: str, step: int) -> torch.Tensor:
+        z = self.streams.normal(stream, step, (self.global_batch, self.z_dim), self.device)
+        return z[self.rows]
+
+    def loss_scale(self) -> torch.Tensor | None:
+        scaler = self.accelerator.scaler
+        return None if scaler is None else scaler.scale(torch.ones((), device=self.device))
+
+    def critic_step(self, real: torch.Tensor, step: int, measure: bool = False) -> StepResult:
+        """One critic update on this process's `real` rows of global batch `step`; returns device scalars."""
+        cfg, b = self.loss_cfg, real.shape[0]
+        with torch.no_grad():
+            fake = self.nets.generator_core(self.latents("critic_z", step)).float()
+        penalise = step % cfg.every == 0
+        if penalise:
+            draw = losses.draw_penalty_points(
+                cfg.r, self.global_batch, self.streams.get("penalty", step, self.device), self.device
+            )
+            pool = None
+            if cfg.r in losses.PAIRED_SITES:  # partners may live on other ranks: pool the global batch
+                pool = torch.cat([self.accelerator.gather(real), self.accelerator.gather(fake)])
+            extra = losses.penalty_points(cfg.r, real, fake, draw, self.rows, pool)
+            critic_in = torch.cat([real, fake] if extra is None else [real, fake, extra])
+            critic_in = critic_in.contiguous(memory_format=self.memory_format).requires_grad_(True)
+            sites = {"real-and-fake": slice(0, 2 * b), "real": slice(0, b), "fake": slice(b, 2 * b)}
+            penalty_rows = sites.get(cfg.r, slice(2 * b, 3 * b))
+        else:
+            critic_in = torch.cat([real, fake]).contiguous(memory_format=self.memory_format)
+
+        critic_out = self.nets.critic(critic_in)
+        d_real, d_fake = critic_out[:b], critic_out[b : 2 * b]
+        loss = losses.critic_adversarial_loss(d_real, d_fake)
+        stats = {
+            "loss/critic_adversarial": loss.detach(),
+            "critic/real": d_real.detach().float().mean(),
+            "critic/fake": d_fake.detach().float().mean(),
+        }
+        if penalise:
+            input_grad = losses.input_gradient(critic_out[penalty_rows], critic_in, self.loss_scale())[penalty_rows]
+            penalty = losses.gradient_penalty(input_grad, cfg.name, cfg.k * cfg.every, cfg.p)
+            loss = loss + penalty
+            stats["loss/penalty"] = penalty.detach()
+            if measure:
+                norms = losses.squared_norms(input_grad.detach()).sqrt()
+                stats["input_grad_norm/mean"], stats["input_grad_norm/max"] = norms.mean(), norms.max()
+        stats["loss/critic"] = loss.detach()
+        stats["wasserstein"] = -stats["loss/critic_adversarial"]
+
+        self.accelerator.backward(loss)
+        return StepResult(stats, self._update(self.opt_d, self.nets.critic_core, measure, "grad_norm/D", stats))
+
+    def generator_step(self, iteration: int, measure: bool = False) -> StepResult:
+        """One generator update on fresh z of global batch `iteration`; D is frozen and never all-reduced."""
+        critic = self.nets.critic_core
+        critic.requires_grad_(False)
+        try:
+            fake = self.nets.generator(self.latents("generator_z", iteration))
+            loss = losses.generator_loss(critic(fake.contiguous(memory_format=self.memory_format)))
+            self.accelerator.backward(loss)
+        finally:
+            critic.requires_grad_(True)
+        stats = {"loss/generator": loss.detach()}
+        return StepResult(stats, self._update(self.opt_g, self.nets.generator_core, measure, "grad_norm/G", stats))
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _update(self, optimizer, module: nn.Module, measure: bool, prefix: str, stats: dict) -> bool:
+        """Step unless the gradients are non-finite; returns whether the step was skipped.
+
+        The decision reads the gradients AFTER DDP's all-reduce, which are bitwise identical on every rank, so
+        every rank skips together without another collective. With fp16 the scaler makes the same decision.
+        """
+        if self.guard_on_host:
+            finite = bool(torch.isfinite(grad_norm(module.parameters())))
+            if finite:
+                optimizer.step()
+            skipped = not finite
+        else:
+            optimizer.step()
+            skipped = self.accelerator.optimizer_step_was_skipped
+        if measure:
+            stats.update(block_grad_norms(module, prefix))
+        optimizer.zero_grad(set_to_none=True)
+        return skipped
