@@ -14,6 +14,7 @@ import difflib
 import math
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,12 +292,24 @@ def _is_section(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("section"))
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def _origin_of(key: str, origins: dict[str, str], default: str) -> str:
+    """Where the value of `key` (or of a key under or above it) came from: an override, else the file."""
+    for override_key, origin in origins.items():
+        if override_key == key or override_key.startswith(key + ".") or key.startswith(override_key + "."):
+            return origin
+    return default
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
         (inner,) = set(typing.get_args(tp)) - {Ellipsis}
         return f"a list of {_type_name(inner)}s"
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(inner[0])} or null"
     return {int: "integer", float: "number", bool: "boolean (true/false)", str: "string"}.get(tp, str(tp))
@@ -354,7 +367,7 @@ def _coerce(value: Any, f: dataclasses.Field, tp: Any, key: str, origin: str) ->
         )
 
     type_origin = typing.get_origin(tp)
-    if type_origin is typing.Union or str(type_origin) == "types.UnionType":
+    if type_origin in (typing.Union, types.UnionType):
         if value is None:
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -370,7 +383,7 @@ def _coerce(value: Any, f: dataclasses.Field, tp: Any, key: str, origin: str) ->
             try:
                 item = _coerce_scalar(item, inner)
             except ValueError:
-                raise fail(f"holds {item!r}, which is not a {_type_name(inner)}") from None
+                raise fail(f"holds {item!r}, which is not {_a(_type_name(inner))}") from None
             if not _check_range(item, f.metadata):
                 raise fail(f"holds {item!r}, which is out of range")
             items.append(item)
@@ -378,7 +391,7 @@ def _coerce(value: Any, f: dataclasses.Field, tp: Any, key: str, origin: str) ->
     try:
         value_typed = _coerce_scalar(value, tp)
     except ValueError:
-        raise fail(f"is not a {_type_name(tp)}") from None
+        raise fail(f"is not {_a(_type_name(tp))}") from None
     if not _check_range(value_typed, f.metadata):
         raise fail("is not allowed" if f.metadata.get("choices") else "is out of range")
     return value_typed
@@ -398,17 +411,17 @@ def _build(cls, data: Any, prefix: str, origins: dict[str, str], default_origin:
     if not isinstance(data, dict):
         where = f"'{prefix[:-1]}'" if prefix else "the top level"
         raise ConfigError(
-            f"Config error in {default_origin}: {where} must be a mapping of keys to values, got {data!r}."
+            f"Config error in {_origin_of(prefix[:-1], origins, default_origin) if prefix else default_origin}: {where} must be a mapping of keys to values, got {data!r}."
         )
     fields, hints = _fields(cls), _hints(cls)
     for key in data:
         if key not in fields:
             full = prefix + str(key)
-            raise _unknown_key(full, list(fields), origins.get(full, default_origin))
+            raise _unknown_key(full, list(fields), _origin_of(full, origins, default_origin))
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
-        origin = origins.get(key, default_origin)
+        origin = _origin_of(key, origins, default_origin)
         if _is_section(f):
             kwargs[name] = _build(hints[name], data.get(name, {}) or {}, key + ".", origins, default_origin)
         elif name in data:
@@ -486,7 +499,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         origins[key] = f"command-line override '{text}'"
         _set_dotted(data, key, value)
     cfg = _build(Config, data, "", origins, origin)
-    validate(cfg, origin)
+    validate(cfg, origin, origins)
     return cfg
 
 
@@ -496,16 +509,20 @@ def config_from_dict(data: dict, origin: str = "the config") -> Config:
     return cfg
 
 
-def validate(cfg: Config, origin: str = "the config") -> None:
+def validate(cfg: Config, origin: str = "the config", origins: dict[str, str] | None = None) -> None:
     """Checks that span several keys or need more than a range."""
+    origins = origins or {}
     res = cfg.data.resolution
     if res & (res - 1):
         raise ConfigError(
-            f"Config error in {origin}: data.resolution = {res} is not a power of two; allowed: "
+            f"Config error in {_origin_of('data.resolution', origins, origin)}: data.resolution = {res} is not a power of two; allowed: "
             f"16, 32, 64, 128, 256, 512 or 1024."
         )
     if len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
-        raise ConfigError(f"Config error in {origin}: eval.metrics = {cfg.eval.metrics} lists a metric twice.")
+        raise ConfigError(
+            f"Config error in {_origin_of('eval.metrics', origins, origin)}: eval.metrics = {cfg.eval.metrics} "
+            f"lists a metric twice."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,9 +127,16 @@ class FileSource(torch.utils.data.Dataset):
     def read(self, index: int) -> np.ndarray:
         name = self.files[index]
         if self.is_zip:
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
-            return load_image(self._zip.read(name), self.resolution, self.channels, f"{self.path}:{name}")
+            try:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.path)
+                data = self._zip.read(name)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
+                raise DataError(
+                    f"Cannot read the image '{self.path}:{name}': {error}. Replace the archive, or prepare the data "
+                    f"set with `python -m trainer.prepare`, which skips unreadable images with a warning."
+                ) from None
+            return load_image(data, self.resolution, self.channels, f"{self.path}:{name}")
         return load_image(self.path / name, self.resolution, self.channels, str(self.path / name))
 
     def __getitem__(self, indices: list[int]) -> torch.Tensor:
@@ -179,7 +187,8 @@ def load_bundled(name: str) -> np.ndarray:
 
 def load_prepared(path: Path, resolution: int, channels: int) -> np.ndarray:
     try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
+        # Copy-on-write mapping: pages load on demand and torch gets a writable array (nothing is ever written).
+        images = np.load(path, mmap_mode="c", allow_pickle=False)
     except (ValueError, OSError) as error:
         raise DataError(
             f"data.source = '{path}' is not a readable .npy array ({error}). Prepare one with "

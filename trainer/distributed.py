@@ -52,6 +52,13 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=mixed_precision, log_with=log_with, dynamo_backend="no", kwargs_handlers=[ddp, timeout]
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate set up "
+            f"{accelerator.num_processes}: each process would train alone on its own copy. On CPU, export "
+            f"ACCELERATE_USE_CPU=1 (or use `accelerate launch --multi_gpu` with it); see launch/README.md."
+        )
     if mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise ConfigError(
             f"Config error: train.mixed_precision = fp16 needs a CUDA GPU, but this process runs on "

