@@ -29,7 +29,7 @@ SITES = ("real-fake-interp", "within-interp", "mixed-interp", "real-and-fake", "
 def probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
     for nproc in (1, 2):
-        command = launch_command(PROBE, nproc) + [str(out), str(out / f"run{nproc}"), *PROBE_OVERRIDES]
+        command = [*launch_command(PROBE, nproc), str(out), str(out / f"run{nproc}"), *PROBE_OVERRIDES]
         done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
     return out

@@ -410,9 +410,8 @@ def _unknown_key(key: str, known: list[str], origin: str) -> ConfigError:
 def _build(cls, data: Any, prefix: str, origins: dict[str, str], default_origin: str):
     if not isinstance(data, dict):
         where = f"'{prefix[:-1]}'" if prefix else "the top level"
-        raise ConfigError(
-            f"Config error in {_origin_of(prefix[:-1], origins, default_origin) if prefix else default_origin}: {where} must be a mapping of keys to values, got {data!r}."
-        )
+        origin = _origin_of(prefix[:-1], origins, default_origin) if prefix else default_origin
+        raise ConfigError(f"Config error in {origin}: {where} must be a mapping of keys to values, got {data!r}.")
     fields, hints = _fields(cls), _hints(cls)
     for key in data:
         if key not in fields:
@@ -515,8 +514,8 @@ def validate(cfg: Config, origin: str = "the config", origins: dict[str, str] | 
     res = cfg.data.resolution
     if res & (res - 1):
         raise ConfigError(
-            f"Config error in {_origin_of('data.resolution', origins, origin)}: data.resolution = {res} is not a power of two; allowed: "
-            f"16, 32, 64, 128, 256, 512 or 1024."
+            f"Config error in {_origin_of('data.resolution', origins, origin)}: data.resolution = {res} is not a "
+            f"power of two; allowed: 16, 32, 64, 128, 256, 512 or 1024."
         )
     if len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
         raise ConfigError(

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from support import tiny_config  # noqa: E402
+from support import tiny_config
 
-from trainer.losses import PENALTY_SITES  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
+from trainer.loop import Trainer
+from trainer.losses import PENALTY_SITES
 
 
 def counting_hook(counter: list[int]):
