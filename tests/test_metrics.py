@@ -157,6 +157,41 @@ def test_swd_of_two_halves_of_mnist_is_below_real_versus_noise():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The real-statistics cache.
+
+
+def test_real_statistics_are_cached_as_safetensors_and_read_back(tmp_path):
+    from safetensors import safe_open
+
+    from trainer.config import config_from_dict
+
+    images = torch.randint(0, 256, (12, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "real.npy", images.numpy())
+    cfg = config_from_dict({"data": {"source": str(tmp_path / "real.npy"), "resolution": 16, "channels": 1}})
+    one, cache = M.LocalProcess("cpu"), tmp_path / "cache"
+
+    def real(num_images: int = 8) -> dict[str, torch.Tensor]:
+        return M.real_statistics(cfg, one, ["swd"], num_images, num_images * M.SWD_NHOODS_PER_IMAGE, None, cache, 4)
+
+    computed = real()
+    (file,) = cache.iterdir()  # one file, no temporary left behind
+    assert file.name.startswith("real-swd-") and file.suffix == ".safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        key = json.loads(handle.metadata()["key"])
+        assert key["num_images"] == 8 and key["resolution"] == 16 and key["source"].endswith("real.npy")
+        assert set(handle.keys()) == {"swd.16"}
+    assert computed["swd.16"].shape == (8 * M.SWD_NHOODS_PER_IMAGE, 49)
+    # Prove the file is read: altered contents under the same key come back.
+    M.write_cache(file, key, {"swd.16": computed["swd.16"] * 2})
+    assert torch.equal(real()["swd.16"], computed["swd.16"] * 2)
+    # A corrupt file is recomputed and replaced; another number of images is another entry.
+    file.write_bytes(b"not a safetensors file")
+    assert torch.equal(real()["swd.16"], computed["swd.16"])
+    real(num_images=10)
+    assert len(list(cache.iterdir())) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The distributed driver: 1 vs 2 real processes (gloo, CPU), a stand-in feature extractor.
 
 DRIVER_SCRIPT = """
@@ -191,6 +226,8 @@ cfg = config_from_dict({
 })
 torch.manual_seed(0)
 generator, _ = models_from_config(cfg)
+with torch.no_grad():  # a livelier G than at init, so that FID sees which images were generated
+    generator.output.weight.mul_(10)
 generator.train()
 first = evaluate_generator(generator, cfg, accelerator, ["fid", "swd"], num_images=51, feature_extractor=StandIn())
 assert generator.training, "the generator's mode was not restored"

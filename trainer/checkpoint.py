@@ -191,6 +191,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def verify_checkpoint(path: Path) -> dict:
     """Check the manifest and every file's size and SHA-256; return the manifest or raise CheckpointError."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"The checkpoint {path} does not exist (a checkpoint is a directory such as "
+            f"run.dir/checkpoints/iter-0001000)."
+        )
     manifest_path = path / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -24,7 +24,7 @@ from trainer.config import Config, dump_yaml
 from trainer.data import RealBatches, open_source, shard
 from trainer.distributed import agree_any, make_accelerator
 from trainer.ema import ema_beta, update_ema
-from trainer.errors import ConfigError, UserError
+from trainer.errors import ConfigError, UserError, process_rank
 from trainer.randomness import Streams, stream_seed
 from trainer.steps import Nets, TrainingSteps
 from trainer.tracking import MetricWindow, Tracker, sample_grid, save_png
@@ -124,8 +124,9 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        wandb_mode = cfg.log.wandb.mode
-        self.accelerator = make_accelerator(cfg, log_with=None if wandb_mode == "disabled" else "wandb")
+        # Only the main process (global rank 0) ever touches W&B.
+        use_wandb = cfg.log.wandb.mode != "disabled" and process_rank() == 0
+        self.accelerator = make_accelerator(cfg, log_with="wandb" if use_wandb else None)
         acc = self.accelerator
         self.device = acc.device
         if cfg.train.batch_size % acc.num_processes:
@@ -141,6 +142,10 @@ class Trainer:
                 f"({cfg.train.batch_size}); batches repeat images within an epoch boundary.",
                 stacklevel=2,
             )
+        if cfg.eval.every and "fid" in cfg.eval.metrics:  # fail now, not at the first evaluation hours later
+            from trainer.metrics import resolve_inception_path
+
+            resolve_inception_path(cfg.eval.inception)
         self.state = TrainingState()
         self.streams = Streams(cfg.run.seed)
 
@@ -157,6 +162,13 @@ class Trainer:
         generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
 
         self.resume_path = ckpt.resolve_resume(self.run_dir, resume)
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if resume is None and existing:
+            raise UserError(
+                f"run.dir = '{self.run_dir}' already holds checkpoints (newest: {existing[0].name}). Pass "
+                f"--resume auto to continue that run, or choose another run.dir; a fresh start there would "
+                f"overwrite them."
+            )
         contents = None
         if self.resume_path is not None:
             contents = ckpt.read_checkpoint(self.resume_path)
@@ -276,6 +288,15 @@ class Trainer:
             raise error or UserError("The main process could not write a checkpoint (its message is above).")
         return path
 
+    def evaluate(self) -> dict[str, float]:
+        """cfg.eval.metrics of EMA-G, computed by all ranks together (each generates its share)."""
+        from trainer.metrics import evaluate_generator
+
+        if self.accelerator.num_processes > 1:  # BatchNorm statistics are per process: use the main one's
+            for buffer in self.generator_ema.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        return evaluate_generator(self.generator_ema, self.cfg, self.accelerator)
+
     def _check_finite_weights(self) -> None:
         for name, module in (
             ("G", self.nets.generator_core),
@@ -390,6 +411,8 @@ class Trainer:
                     last_log_time, last_log_iteration = now, state.iteration
                 if state.iteration % cfg.log.samples_every == 0:
                     tracker.images(state.iteration, self.write_samples())
+                if cfg.eval.every and state.iteration % cfg.eval.every == 0:
+                    tracker.scalars(state.iteration, self.evaluate())
                 stop = agree_any(signals.requested, acc)
                 if state.iteration % cfg.checkpoint.every == 0 or stop:
                     self.checkpoint()

@@ -48,9 +48,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer.data import ArraySource, FileSource, open_source, to_uint8
@@ -252,8 +253,17 @@ class InceptionFeatures:
         return features.reshape(images.shape[0], -1).float()
 
 
+_LOADED_INCEPTION: dict[tuple[str, str], InceptionFeatures] = {}
+
+
 def load_inception(path: str | None, device: torch.device | str) -> InceptionFeatures:
-    return InceptionFeatures(resolve_inception_path(path), device)
+    """The Inception extractor for `eval.inception` (or the default) on `device`; loaded (and hashed) once per
+    process, since a run evaluates every eval.every iterations."""
+    resolved = resolve_inception_path(path)
+    key = (str(resolved.resolve()), str(torch.device(device)))
+    if key not in _LOADED_INCEPTION:
+        _LOADED_INCEPTION[key] = InceptionFeatures(resolved, device)
+    return _LOADED_INCEPTION[key]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -349,6 +359,14 @@ def swd_directions(dim: int, level: int) -> list[torch.Tensor]:
     return directions
 
 
+def sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of a 2-d tensor sorted ascending. On the CPU numpy's vectorised sort is ~15x faster than
+    torch.sort; sorting is exact, so the values are the same either way."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return x.sort(dim=1).values
+
+
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: list[torch.Tensor]) -> float:
     """SWD(A, B) = mean over repeats r and directions u of 1/M sum_m |sort(A u)_m - sort(B u)_m|.
 
@@ -359,10 +377,11 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: list[torch.
         raise ValueError(f"sliced_wasserstein needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     count = 0
+    a_t, b_t = a.T.contiguous(), b.T.contiguous()  # projections as (directions, M) rows: sorting is per row
     for repeat in directions:
         for chunk in repeat.to(a.device, a.dtype).split(SWD_DIRECTION_CHUNK, dim=1):
-            projected_a = (a @ chunk).sort(dim=0).values
-            projected_b = (b @ chunk).sort(dim=0).values
+            projected_a = sort_rows(chunk.T @ a_t)
+            projected_b = sort_rows(chunk.T @ b_t)
             total += (projected_a - projected_b).abs().sum(dtype=torch.float64)
             count += projected_a.numel()
     return float(total / count)
@@ -547,8 +566,6 @@ def read_cache(path: Path, key: dict) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("key") != json.dumps(key, sort_keys=True):
                 return None
@@ -568,6 +585,7 @@ def write_cache(path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> None
             save_file(cpu, temporary, metadata={"key": json.dumps(key, sort_keys=True)})
             with open(temporary, "rb") as synced:
                 os.fsync(synced.fileno())
+            os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache may be shared by users of a machine
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):
@@ -603,7 +621,8 @@ def evaluate_generator(
     of eval.batch_size, embeds them, and the results are gathered in global image order. Real statistics come
     from the first num_images images of a fixed permutation of the data (all of it if it is smaller), cached.
     `feature_extractor` replaces the Inception network (tests use a small stand-in). Keys: "metrics/fid",
-    "metrics/swd", "metrics/swd_<resolution>" per pyramid level.
+    "metrics/swd", "metrics/swd_<resolution>" per pyramid level. With several processes every one must call
+    this (it gathers); `accelerator` only needs device, num_processes and process_index.
     """
     metrics = _check_metrics(metrics or cfg.eval.metrics)
     num_images = int(num_images or cfg.eval.num_images)
@@ -663,7 +682,7 @@ def real_statistics(cfg, processes, metrics, num_images, num_descriptors, extrac
         keys[metric] = cache_key(metric, data, resolution, channels, num_images, identities[metric])
         cached = read_cache(cache_path(root, keys[metric]), keys[metric])
         if all_agree(cached is not None, processes):
-            out.update(cached)
+            out.update({name: tensor.to(processes.device) for name, tensor in cached.items()})
         else:
             missing.append(metric)
     if not missing:

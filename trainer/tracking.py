@@ -165,4 +165,7 @@ class Tracker:
         if self.bar is not None:
             self.bar.close()
         if self.main and self.run is not None:
-            self.accelerator.end_training()
+            # Not accelerator.end_training(): it also destroys the process group the other ranks still use.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.run = None

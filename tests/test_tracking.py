@@ -1,0 +1,121 @@
+"""What a run reports to W&B (offline, read back with `wandb leet inspect --json`) and to the console."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support import child_env, run_trainer
+
+pytestmark = pytest.mark.slow
+
+SCALARS = [
+    "loss/critic", "loss/penalty", "loss/generator", "loss/critic_adversarial", "wasserstein", "critic/real",
+    "critic/fake", "grad_norm/D/total", "grad_norm/D/input", "grad_norm/D/blocks.0", "grad_norm/D/output",
+    "grad_norm/G/total", "grad_norm/G/input", "input_grad_norm/mean", "input_grad_norm/max", "lr/generator",
+    "lr/critic", "speed/img_per_s", "speed/s_per_iteration", "progress/kimg", "amp/skipped_steps",
+]  # fmt: skip
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline run under {run_dir / 'wandb'}"
+    wandb_cli = shutil.which("wandb", path=str(Path(sys.executable).parent)) or "wandb"
+    records = []
+    for run in runs:
+        done = subprocess.run([wandb_cli, "leet", "inspect", "--json", str(run)], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        records += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return records
+
+
+def history(records: list[dict]) -> list[dict]:
+    return [r["history"]["item"] for r in records if r["type"] == "history"]
+
+
+def run_ids(records: list[dict]) -> set[str]:
+    return {r["run"]["run_id"] for r in records if r["type"] == "run"}
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("wandb_run")
+    overrides = ("log.wandb.mode=offline", "train.iterations=4", "log.every=2", "log.samples_every=2",
+                 "checkpoint.every=2")  # fmt: skip
+    done = run_trainer(run_dir, *overrides, env=child_env(WANDB_MODE="offline"))
+    assert done.returncode == 0, done.stdout
+    return run_dir, done.stdout
+
+
+def test_offline_run_lives_in_run_dir_and_holds_every_dashboard_scalar(offline_run):
+    run_dir, output = offline_run
+    rows = history(wandb_records(run_dir))
+    logged = set().union(*rows)
+    missing = [key for key in SCALARS if key not in logged]
+    assert not missing, f"not logged: {missing}"
+    iterations = [row["iteration"] for row in rows if "wasserstein" in row]
+    assert iterations == [2, 4]
+    assert "wandb sync" in output  # says once how to upload the offline run
+
+
+def test_config_is_logged(offline_run):
+    run_dir, _ = offline_run
+    records = wandb_records(run_dir)
+    config = next(r["config"]["update"] for r in records if r["type"] == "config" and "train" in r["config"]["update"])
+    assert config["train"]["iterations"] == 4
+    assert config["loss"]["name"] == "wgan-div"
+
+
+def test_sample_grids_are_logged_as_non_black_images_and_saved_as_png(offline_run):
+    run_dir, _ = offline_run
+    rows = history(wandb_records(run_dir))
+    images = [row for row in rows if row.get("samples/ema._type") == "image-file"]
+    assert [row["iteration"] for row in images] == [2, 4]
+    assert all("samples/generator.path" in row for row in images)
+    media = next((run_dir / "wandb").glob("offline-run-*/files/" + images[-1]["samples/ema.path"]))
+    assert np.asarray(Image.open(media)).max() > 0  # W&B saves float tensors as black PNGs; we pass uint8
+    for name in ("iter-0000002.png", "iter-0000004.png", "raw/iter-0000004.png"):
+        assert np.asarray(Image.open(run_dir / "samples" / name)).std() > 0
+
+
+def test_resume_continues_the_same_wandb_run(offline_run, tmp_path):
+    run_dir, _ = offline_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    first = run_ids(wandb_records(copy))
+    done = run_trainer(copy, "log.wandb.mode=offline", "train.iterations=6", "log.every=2",
+                       resume="auto", env=child_env(WANDB_MODE="offline"))  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    records = wandb_records(copy)
+    assert len(list((copy / "wandb").glob("offline-run-*"))) == 2
+    assert run_ids(records) == first
+    assert 6 in [row.get("iteration") for row in history(records)]
+
+
+def test_two_processes_log_once_with_values_averaged_over_ranks(offline_run, tmp_path):
+    run_dir, _ = offline_run
+    done = run_trainer(tmp_path, "log.wandb.mode=offline", "train.iterations=4", "log.every=2",
+                       "log.samples_every=2", "checkpoint.every=2", nproc=2,
+                       env=child_env(WANDB_MODE="offline"))  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # only the main process touched W&B
+    single = {row["iteration"]: row for row in history(wandb_records(run_dir)) if "wasserstein" in row}
+    double = {row["iteration"]: row for row in history(wandb_records(tmp_path)) if "wasserstein" in row}
+    assert sorted(double) == [2, 4]  # each logging step once, not once per rank
+    for key in ("wasserstein", "loss/penalty", "loss/generator", "critic/real"):
+        assert double[2][key] == pytest.approx(single[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_console_prints_plain_lines_when_not_a_tty(offline_run):
+    _, output = offline_run
+    lines = [line for line in output.splitlines() if line.startswith("it ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert all("img/s" in line and "W " in line for line in lines)
