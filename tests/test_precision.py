@@ -115,7 +115,7 @@ class ScaledOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def one_critic_step(tmp_path, scaler=None, site="real-fake-interp", nan=False):
+def one_critic_step(tmp_path, scaler=None, site="real-fake-interp", nan=False, fused=False):
     cfg = tiny_config(tmp_path, f"loss.r={site}")
     from models import models_from_config
 
@@ -124,7 +124,7 @@ def one_critic_step(tmp_path, scaler=None, site="real-fake-interp", nan=False):
     if nan:
         critic.output.register_forward_hook(lambda module, args, out: out * float("nan"))
     accelerator = ScalerAccelerator(scaler)
-    opt_d = ScaledOptimizer(torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.9)), accelerator)
+    opt_d = ScaledOptimizer(torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.9), fused=fused), accelerator)
     opt_g = ScaledOptimizer(torch.optim.Adam(generator.parameters(), lr=1e-3), accelerator)
     steps = TrainingSteps(Nets(generator, critic, generator, critic), opt_g, opt_d, accelerator, cfg.loss,
                           Streams(0), 8, slice(0, 8), cfg.model.z_dim)  # fmt: skip
@@ -152,6 +152,20 @@ def test_non_finite_gradients_skip_the_step_and_leave_weights_and_adam_alone(tmp
         assert torch.equal(critic.state_dict()[key], value)
     assert not optimizer.state  # Adam never stepped
     assert all(p.grad is None for p in critic.parameters())
+
+
+def test_fused_adam_skips_a_non_finite_step_on_the_device(tmp_path):
+    """The trainer's path: the skip flag goes to fused Adam as found_inf; nothing moves, not even the step count."""
+    critic, before, result, optimizer = one_critic_step(tmp_path, None, nan=True, fused=True)
+    assert result.skipped.device.type == "cpu" and result.skipped.dtype == torch.bool and bool(result.skipped)
+    for key, value in before.items():
+        assert torch.equal(critic.state_dict()[key], value)
+    for state in optimizer.state.values():
+        assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    healthy, before, result, optimizer = one_critic_step(tmp_path, None, fused=True)
+    assert not bool(result.skipped)
+    assert not torch.equal(healthy.state_dict()["output.weight"], before["output.weight"])
+    assert all(state["step"].item() == 1 for state in optimizer.state.values())
 
 
 def test_an_fp16_overflow_is_reported_as_a_skipped_step(tmp_path):

@@ -93,6 +93,31 @@ class StopSignals:
         return self.first is not None
 
 
+class SkipCounter:
+    """Consecutive and total skipped steps, counted on the device so that steps never wait for the host."""
+
+    def __init__(self, state: TrainingState, device: torch.device):
+        self.streak = torch.tensor(state.bad_step_streak, device=device)
+        self.total = torch.tensor(state.skipped_steps, device=device)
+
+    def add(self, skipped: torch.Tensor) -> None:
+        self.streak = torch.where(skipped, self.streak + 1, 0)
+        self.total = self.total + skipped
+
+
+class SpeedMeter:
+    """Real images per second (shown to D) and seconds per iteration since the previous measurement."""
+
+    def __init__(self, iteration: int, images_per_iteration: int):
+        self.iteration, self.images_per_iteration, self.time = iteration, images_per_iteration, time.perf_counter()
+
+    def measure(self, iteration: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        elapsed, iterations = now - self.time, max(iteration - self.iteration, 1)
+        self.iteration, self.time = iteration, now
+        return iterations * self.images_per_iteration / max(elapsed, 1e-9), elapsed / iterations
+
+
 def config_changes(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
     """Dotted keys whose value differs between two config dicts: {key: (saved, current)}."""
     changes = {}
@@ -194,7 +219,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
         adam = {"betas": tuple(cfg.train.betas), "eps": cfg.train.adam_eps}
-        adam["fused" if self.device.type == "cuda" else "foreach"] = True
+        adam["fused"] = True  # one kernel per step, and it can skip a non-finite step on the device
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr_g, **adam)
         opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.train.lr_d, **adam)
         generator, critic, self.opt_g, self.opt_d = acc.prepare(generator, critic, opt_g, opt_d)
@@ -332,24 +357,20 @@ class Trainer:
         save_png(grids["samples/generator"], self.run_dir / "samples" / "raw" / name)
         return grids
 
-    def _count_skip(self, skipped: bool) -> None:
-        if skipped:
-            self.state.skipped_steps += 1
-            self.state.bad_step_streak += 1
-            if self.state.bad_step_streak >= self.cfg.train.max_bad_steps:
-                raise UserError(
-                    f"Stopping at iteration {self.state.iteration}: {self.state.bad_step_streak} "
-                    f"consecutive steps had non-finite gradients and were skipped "
-                    f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}). Nothing was saved from "
-                    f"the diverged state; the newest checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR} "
-                    f"is intact. Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16."
-                )
-        else:
-            self.state.bad_step_streak = 0
+    def _check_streak(self, streak: int, skipped_total: int) -> None:
+        self.state.skipped_steps, self.state.bad_step_streak = skipped_total, streak
+        if streak >= self.cfg.train.max_bad_steps:
+            raise UserError(
+                f"Stopping at iteration {self.state.iteration}: {streak} consecutive steps had non-finite gradients "
+                f"and were skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}). Nothing was saved from "
+                f"the diverged state; the newest checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR} is intact. "
+                f"Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16."
+            )
 
     # ---------------------------------------------------------------------------------------------------------
 
     def train(self) -> TrainingState:
+        """n_critic critic steps, one generator step, EMA; then log, sample, evaluate, checkpoint as scheduled."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         self.prepare_run_dir()
         tracker = Tracker(acc, cfg, self.run_dir, state.wandb_run_id, state.iteration)
@@ -358,71 +379,47 @@ class Trainer:
             tracker.note(f"resumed from {self.resume_path} at iteration {state.iteration}")
             for key, (old, new) in self.config_changes.items():
                 tracker.note(f"config changed since the checkpoint: {key}: {old!r} -> {new!r}")
-        signals = StopSignals()
+        signals, window, skips = StopSignals(), MetricWindow(), SkipCounter(state, self.device)
         signals.install()
-        window = MetricWindow()
-        batch, n_critic = cfg.train.batch_size, cfg.train.n_critic
-        last_log_time, last_log_iteration = time.perf_counter(), state.iteration
+        speed = SpeedMeter(state.iteration, cfg.train.n_critic * cfg.train.batch_size)
         last_checkpoint = state.iteration if self.resume_path is not None else -1
+        fault = os.environ.get(FAULT_ENV, "").split(":")
         try:
-            fault = os.environ.get(FAULT_ENV, "").split(":")
             while state.iteration < cfg.train.iterations:
                 if fault == [str(acc.process_index), str(state.iteration)]:
                     raise RuntimeError(f"injected fault on rank {acc.process_index} at iteration {state.iteration}")
                 log_now = (state.iteration + 1) % cfg.log.every == 0 or state.iteration + 1 == cfg.train.iterations
-                for j in range(n_critic):
+                for j in range(cfg.train.n_critic):
                     real = self.batches.next(state.critic_steps)
-                    result = self.steps.critic_step(real, state.critic_steps, measure=log_now and j == n_critic - 1)
+                    result = self.steps.critic_step(
+                        real, state.critic_steps, measure=log_now and j == cfg.train.n_critic - 1
+                    )
                     state.critic_steps += 1
                     state.data_position = self.batches.position
                     window.add(result.stats)
-                    self._count_skip(result.skipped)
+                    skips.add(result.skipped)
                 result = self.steps.generator_step(state.iteration, measure=log_now)
                 window.add(result.stats)
-                self._count_skip(result.skipped)
-                images_seen = (state.iteration + 1) * batch  # by G
-                update_ema(
-                    self.generator_ema,
-                    self.nets.generator_core,
-                    ema_beta(batch, cfg.train.ema, cfg.train.ema_rampup, images_seen),
-                )
+                skips.add(result.skipped)
+                images_seen = (state.iteration + 1) * cfg.train.batch_size  # by G
+                beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)
+                update_ema(self.generator_ema, self.nets.generator_core, beta)
                 state.iteration += 1
 
+                stop = self.read_control(skips, signals)
                 if log_now:
-                    values = window.reduce(acc)
-                    now = time.perf_counter()
-                    elapsed, iterations = now - last_log_time, state.iteration - last_log_iteration
-                    values.update(
-                        {
-                            "progress/kimg": state.critic_steps * batch / 1000,
-                            "progress/iteration": state.iteration,
-                            "speed/img_per_s": iterations * n_critic * batch / max(elapsed, 1e-9),
-                            "speed/s_per_iteration": elapsed / max(iterations, 1),
-                            "lr/generator": self.opt_g.param_groups[0]["lr"],
-                            "lr/critic": self.opt_d.param_groups[0]["lr"],
-                            "amp/skipped_steps": state.skipped_steps,
-                        }
-                    )
-                    if acc.scaler is not None:
-                        values["amp/scale"] = acc.scaler.get_scale()
-                    if self.device.type == "cuda":
-                        values["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    tracker.scalars(state.iteration, values)
-                    last_log_time, last_log_iteration = now, state.iteration
+                    tracker.scalars(state.iteration, {**window.reduce(acc), **self.progress_values(speed)})
                 if state.iteration % cfg.log.samples_every == 0:
                     tracker.images(state.iteration, self.write_samples())
                 if cfg.eval.every and state.iteration % cfg.eval.every == 0:
                     tracker.scalars(state.iteration, self.evaluate())
-                stop = agree_any(signals.requested, acc)
                 if state.iteration % cfg.checkpoint.every == 0 or stop:
                     self.checkpoint()
                     last_checkpoint = state.iteration
                 tracker.advance(state.iteration)
                 if stop:
-                    tracker.note(
-                        f"{signals.name or 'a signal'} received: checkpoint written at iteration "
-                        f"{state.iteration}; resume with --resume auto."
-                    )
+                    tracker.note(f"{signals.name or 'a signal'} received: checkpoint written at iteration "
+                                 f"{state.iteration}; resume with --resume auto.")  # fmt: skip
                     break
             else:
                 if last_checkpoint != state.iteration:
@@ -434,6 +431,44 @@ class Trainer:
             tracker.close()
         acc.wait_for_everyone()
         return state
+
+    def read_control(self, skips: SkipCounter, signals: StopSignals) -> bool:
+        """The one host read per iteration: the skip counters and a stop request, agreed over ranks (MAX).
+
+        Returns whether to stop (a signal reached any rank); raises if too many consecutive steps were skipped.
+        """
+        control = torch.stack([skips.streak.float(), skips.total.float(),
+                               torch.tensor(float(signals.requested), device=self.device)])  # fmt: skip
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(control, op=torch.distributed.ReduceOp.MAX)
+        streak, total, stop = control.tolist()
+        self.state.bad_step_streak, self.state.skipped_steps = int(streak), int(total)
+        if streak >= self.cfg.train.max_bad_steps:
+            raise UserError(
+                f"Stopping at iteration {self.state.iteration}: {int(streak)} consecutive steps had non-finite "
+                f"gradients and were skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}). Nothing was "
+                f"saved from the diverged state; the newest checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR} is "
+                f"intact. Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16."
+            )
+        return bool(stop)
+
+    def progress_values(self, speed: SpeedMeter) -> dict[str, float]:
+        state, acc = self.state, self.accelerator
+        img_per_s, s_per_iteration = speed.measure(state.iteration)
+        values = {
+            "progress/kimg": state.critic_steps * self.cfg.train.batch_size / 1000,  # real images shown to D
+            "progress/iteration": state.iteration,
+            "speed/img_per_s": img_per_s,
+            "speed/s_per_iteration": s_per_iteration,
+            "lr/generator": self.opt_g.param_groups[0]["lr"],
+            "lr/critic": self.opt_d.param_groups[0]["lr"],
+            "amp/skipped_steps": state.skipped_steps,
+        }
+        if acc.scaler is not None:
+            values["amp/scale"] = acc.scaler.get_scale()
+        if self.device.type == "cuda":
+            values["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return values
 
 
 def train(cfg: Config, resume: str | None = None) -> TrainingState:

@@ -26,7 +26,7 @@ from trainer.randomness import Streams
 @dataclass
 class StepResult:
     stats: dict[str, torch.Tensor]  # device scalars, read only when logging
-    skipped: bool  # the update was skipped for non-finite gradients (identical on every rank)
+    skipped: torch.Tensor  # bool scalar on the device: the update was skipped (identical on every rank)
 
 
 @dataclass
@@ -89,7 +89,6 @@ class TrainingSteps:
         )
         self.device = accelerator.device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.guard_on_host = accelerator.scaler is None  # with fp16, the scaler detects non-finite gradients
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -159,20 +158,28 @@ class TrainingSteps:
 
     # ---------------------------------------------------------------------------------------------------------
 
-    def _update(self, optimizer, module: nn.Module, measure: bool, prefix: str, stats: dict) -> bool:
-        """Step unless the gradients are non-finite; returns whether the step was skipped.
+    def _update(self, optimizer, module: nn.Module, measure: bool, prefix: str, stats: dict) -> torch.Tensor:
+        """Step unless the gradients are non-finite; returns whether the step was skipped (a device bool).
 
         The decision reads the gradients AFTER DDP's all-reduce, which are bitwise identical on every rank, so
-        every rank skips together without another collective. With fp16 the scaler makes the same decision.
+        every rank skips together without another collective. Without a loss scaler the flag is handed to fused
+        Adam as `found_inf`, which then leaves weights, moments and step count untouched on the device: no host
+        synchronisation. With fp16, Accelerate's shared GradScaler makes the same decision.
         """
-        if self.guard_on_host:
-            finite = bool(torch.isfinite(grad_norm(module.parameters())))
-            if finite:
+        if self.accelerator.scaler is None:
+            skipped = ~torch.isfinite(grad_norm(module.parameters()))
+            inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+            if inner.defaults.get("fused"):
+                inner.found_inf = skipped.float()
+                try:
+                    optimizer.step()
+                finally:
+                    del inner.found_inf
+            elif not bool(skipped):  # unfused optimizers cannot skip on the device
                 optimizer.step()
-            skipped = not finite
         else:
             optimizer.step()
-            skipped = self.accelerator.optimizer_step_was_skipped
+            skipped = torch.tensor(self.accelerator.optimizer_step_was_skipped, device=self.device)
         if measure:
             stats.update(block_grad_norms(module, prefix))
         optimizer.zero_grad(set_to_none=True)
