@@ -31,6 +31,11 @@ def resolve_mixed_precision(cfg: Config) -> str:
     return wanted
 
 
+# torch 2.14 deprecates DDP's broadcast_buffers for forward_sync_buffers, which Accelerate 1.15 cannot pass yet;
+# for our nets they mean the same (D has no buffers, G's start equal), so the notice is noise.
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+
+
 def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     mixed_precision = resolve_mixed_precision(cfg)
     if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", ""):

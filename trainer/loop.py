@@ -105,6 +105,41 @@ class SkipCounter:
         self.total = self.total + skipped
 
 
+class ControlChannel:
+    """Per-iteration control values (skip counters, a stop request), agreed over ranks with one MAX all-reduce.
+
+    On CUDA the values reach the host by an asynchronous copy that is read one iteration later, so the host never
+    stalls the GPU's queue to read them; every rank reads the same values at the same iteration, so all act alike.
+    Elsewhere they are read at once.
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.delayed = accelerator.device.type == "cuda"
+        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def post(self, values: torch.Tensor) -> list[float] | None:
+        """Send this iteration's values; returns the values to act on now (None when there are none yet)."""
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        if not self.delayed:
+            return values.tolist()
+        ready = self.flush()
+        event = torch.cuda.Event()
+        self.pending = (values.to("cpu", non_blocking=True), event)
+        event.record()
+        return ready
+
+    def flush(self) -> list[float] | None:
+        """The values posted last and not read yet (waits for them), or None."""
+        if self.pending is None:
+            return None
+        values, event = self.pending
+        self.pending = None
+        event.synchronize()
+        return values.tolist()
+
+
 class SpeedMeter:
     """Real images per second (shown to D) and seconds per iteration since the previous measurement."""
 
@@ -224,7 +259,7 @@ class Trainer:
         opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.train.lr_d, **adam)
         generator, critic, self.opt_g, self.opt_d = acc.prepare(generator, critic, opt_g, opt_d)
         self.generator_ema = generator_ema.to(self.device)
-        generator_core = acc.unwrap_model(generator)
+        self.generator_module = generator_core = acc.unwrap_model(generator)  # never compiled: clean state_dict keys
         if cfg.train.compile_g:
             generator_core = torch.compile(generator_core)
             generator = torch.compile(generator)
@@ -290,7 +325,7 @@ class Trainer:
         if acc.is_main_process:
             contents = ckpt.CheckpointContents(
                 models={
-                    "generator": self.nets.generator_core.state_dict(),
+                    "generator": self.generator_module.state_dict(),
                     "generator_ema": self.generator_ema.state_dict(),
                     "critic": self.nets.critic_core.state_dict(),
                 },
@@ -324,7 +359,7 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         for name, module in (
-            ("G", self.nets.generator_core),
+            ("G", self.generator_module),
             ("EMA-G", self.generator_ema),
             ("D", self.nets.critic_core),
         ):
@@ -343,7 +378,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return {}
         grids = {}
-        generator = self.nets.generator_core
+        generator = self.generator_module
         was_training = generator.training
         generator.eval()
         try:
@@ -356,16 +391,6 @@ class Trainer:
         save_png(grids["samples/ema"], self.run_dir / "samples" / name)
         save_png(grids["samples/generator"], self.run_dir / "samples" / "raw" / name)
         return grids
-
-    def _check_streak(self, streak: int, skipped_total: int) -> None:
-        self.state.skipped_steps, self.state.bad_step_streak = skipped_total, streak
-        if streak >= self.cfg.train.max_bad_steps:
-            raise UserError(
-                f"Stopping at iteration {self.state.iteration}: {streak} consecutive steps had non-finite gradients "
-                f"and were skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}). Nothing was saved from "
-                f"the diverged state; the newest checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR} is intact. "
-                f"Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16."
-            )
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -380,10 +405,12 @@ class Trainer:
             for key, (old, new) in self.config_changes.items():
                 tracker.note(f"config changed since the checkpoint: {key}: {old!r} -> {new!r}")
         signals, window, skips = StopSignals(), MetricWindow(), SkipCounter(state, self.device)
+        control = ControlChannel(acc)
         signals.install()
         speed = SpeedMeter(state.iteration, cfg.train.n_critic * cfg.train.batch_size)
         last_checkpoint = state.iteration if self.resume_path is not None else -1
         fault = os.environ.get(FAULT_ENV, "").split(":")
+        started, first_iteration = time.perf_counter(), state.iteration
         try:
             while state.iteration < cfg.train.iterations:
                 if fault == [str(acc.process_index), str(state.iteration)]:
@@ -403,10 +430,15 @@ class Trainer:
                 skips.add(result.skipped)
                 images_seen = (state.iteration + 1) * cfg.train.batch_size  # by G
                 beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)
-                update_ema(self.generator_ema, self.nets.generator_core, beta)
+                update_ema(self.generator_ema, self.generator_module, beta)
                 state.iteration += 1
 
-                stop = self.read_control(skips, signals)
+                flags = [
+                    skips.streak.float(),
+                    skips.total.float(),
+                    torch.tensor(float(signals.requested), device=self.device),
+                ]
+                stop = self.apply_control(control.post(torch.stack(flags)))
                 if log_now:
                     tracker.scalars(state.iteration, {**window.reduce(acc), **self.progress_values(speed)})
                 if state.iteration % cfg.log.samples_every == 0:
@@ -414,6 +446,7 @@ class Trainer:
                 if cfg.eval.every and state.iteration % cfg.eval.every == 0:
                     tracker.scalars(state.iteration, self.evaluate())
                 if state.iteration % cfg.checkpoint.every == 0 or stop:
+                    stop = self.apply_control(control.flush()) or stop  # exact counters in the checkpoint
                     self.checkpoint()
                     last_checkpoint = state.iteration
                 tracker.advance(state.iteration)
@@ -422,26 +455,26 @@ class Trainer:
                                  f"{state.iteration}; resume with --resume auto.")  # fmt: skip
                     break
             else:
+                self.apply_control(control.flush())
                 if last_checkpoint != state.iteration:
                     self.checkpoint()
                 if state.iteration % cfg.log.samples_every != 0:
                     tracker.images(state.iteration, self.write_samples())
+                tracker.note(self.summary(started, first_iteration))
         finally:
             signals.restore()
             tracker.close()
         acc.wait_for_everyone()
         return state
 
-    def read_control(self, skips: SkipCounter, signals: StopSignals) -> bool:
-        """The one host read per iteration: the skip counters and a stop request, agreed over ranks (MAX).
+    def apply_control(self, values: list[float] | None) -> bool:
+        """Act on control values read by the host: keep the counters; raise after too many bad steps.
 
-        Returns whether to stop (a signal reached any rank); raises if too many consecutive steps were skipped.
+        Returns whether to stop (a signal reached some rank).
         """
-        control = torch.stack([skips.streak.float(), skips.total.float(),
-                               torch.tensor(float(signals.requested), device=self.device)])  # fmt: skip
-        if self.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(control, op=torch.distributed.ReduceOp.MAX)
-        streak, total, stop = control.tolist()
+        if values is None:
+            return False
+        streak, total, stop = values
         self.state.bad_step_streak, self.state.skipped_steps = int(streak), int(total)
         if streak >= self.cfg.train.max_bad_steps:
             raise UserError(
@@ -451,6 +484,18 @@ class Trainer:
                 f"intact. Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16."
             )
         return bool(stop)
+
+    def summary(self, started: float, first_iteration: int) -> str:
+        """One line at the end of training (also what launch/gpu_check.sh collects)."""
+        seconds, iterations = time.perf_counter() - started, max(self.state.iteration - first_iteration, 1)
+        images = iterations * self.cfg.train.n_critic * self.cfg.train.batch_size
+        scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else None
+        return (
+            f"finished: iteration {self.state.iteration}, precision {self.cfg.train.mixed_precision}, "
+            f"{seconds / iterations:.4f} s/iteration, {images / seconds:.0f} img/s, skipped steps "
+            f"{self.state.skipped_steps}, loss scale {scale if scale is not None else 'none'}, "
+            f"checkpoint {ckpt.list_checkpoints(self.run_dir)[0] if self.accelerator.is_main_process else ''}"
+        )
 
     def progress_values(self, speed: SpeedMeter) -> dict[str, float]:
         state, acc = self.state, self.accelerator
