@@ -181,7 +181,7 @@ def test_resume_is_exact(tmp_path, nproc):
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_auto_continues(tmp_path):
     """Five SIGKILLs (checkpoint writes included: one every iteration), then the run finishes as if never killed."""
-    overrides = ("train.iterations=40", "checkpoint.every=1", "checkpoint.keep=2")
+    overrides = ("train.iterations=150", "checkpoint.every=1", "checkpoint.keep=2")
     straight = run_trainer(tmp_path / "straight", *overrides)
     assert straight.returncode == 0, straight.stdout
     run_dir = tmp_path / "killed"
@@ -195,7 +195,7 @@ def test_kill_9_at_random_moments_then_resume_auto_continues(tmp_path):
                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
         # Kill once training is under way (after the first iteration's line), at a random moment after that.
         line = process.stdout.readline()
-        while line and not re.match(r"it \d+/40", line):
+        while line and not re.match(r"it \d+/150", line):
             if newest_before is not None and "resumed from" in line:
                 assert newest_before.name in line, line  # continued from the newest complete checkpoint
             line = process.stdout.readline()
@@ -211,7 +211,7 @@ def test_kill_9_at_random_moments_then_resume_auto_continues(tmp_path):
     assert kills == 5
     final = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stdout + final.stderr
-    assert_same_files(tmp_path / "straight", run_dir, 40)
+    assert_same_files(tmp_path / "straight", run_dir, 150)
 
 
 @pytest.mark.slow

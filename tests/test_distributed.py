@@ -99,18 +99,27 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path):
 def test_two_launchers_as_two_nodes_train_together(tmp_path):
     """Two `accelerate launch` processes, --num_machines 2 --machine_rank 0/1, rendezvous on 127.0.0.1."""
     port = free_port()
-    launchers = []
+    launchers, logs = [], []
     for machine_rank in (0, 1):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                    "--machine_rank", str(machine_rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                    "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", RUN,
-                   "--config", str(REPO / "configs/demo.yaml"), *TINY, f"run.dir={tmp_path}",
+                   "--config", str(REPO / "configs/demo.yaml"), *TINY, f"run.dir={tmp_path / 'run'}",
                    "train.iterations=2"]  # fmt: skip
-        launchers.append(subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
-    outputs = [p.communicate(timeout=240)[0] for p in launchers]
+        logs.append(tmp_path / f"node{machine_rank}.log")
+        # Files, not pipes: a launcher blocked on a full pipe would stall its peer in a collective.
+        with open(logs[-1], "w") as log:
+            launchers.append(subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=log,
+                                              stderr=subprocess.STDOUT))  # fmt: skip
+    try:
+        for launcher in launchers:
+            launcher.wait(timeout=180)
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    outputs = [log.read_text() for log in logs]
     assert [p.returncode for p in launchers] == [0, 0], outputs
-    assert (tmp_path / "checkpoints" / "iter-0000002" / "manifest.json").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "iter-0000002" / "manifest.json").is_file()
     assert "it 2/2" in outputs[0]  # the main process (machine 0) reports; machine 1 does not
     assert "it 2/2" not in outputs[1]
 

@@ -88,8 +88,8 @@ class ScalerAccelerator:
         self.scaler = scaler
         self.optimizer_step_was_skipped = False
 
-    def backward(self, loss):
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+    def backward(self, loss, **kwargs):
+        (self.scaler.scale(loss) if self.scaler else loss).backward(**kwargs)
 
     def gather(self, tensor):
         return tensor

@@ -167,7 +167,11 @@ class TrainConfig:
         min=0,
     )
     tf32: bool = setting(True, "Allow TF32 matmuls and convolutions on Ampere+ GPUs.")
-    channels_last: bool = setting(False, "channels_last memory format on CUDA (faster convolutions with bf16/fp16).")
+    channels_last: bool = setting(
+        False,
+        "channels_last memory format for G and D: faster convolutions on CUDA (with bf16/fp16) and on CPUs "
+        "with oneDNN.",
+    )
     compile_g: bool = setting(
         False, "torch.compile the generator (the critic cannot be compiled: no double backward in AOTAutograd)."
     )

@@ -20,7 +20,7 @@ import torch
 
 from models import models_from_config
 from trainer import checkpoint as ckpt
-from trainer.config import Config, dump_yaml
+from trainer.config import Config, dump_yaml, parse_yaml
 from trainer.data import RealBatches, open_source, shard
 from trainer.distributed import agree_any, make_accelerator
 from trainer.ema import ema_beta, update_ema
@@ -103,6 +103,20 @@ class SkipCounter:
     def add(self, skipped: torch.Tensor) -> None:
         self.streak = torch.where(skipped, self.streak + 1, 0)
         self.total = self.total + skipped
+
+
+def match_parameter_layout(optimizer) -> None:
+    """Give loaded optimizer state the memory layout of its parameter (channels_last after a resume, too).
+
+    Checkpoints store plain contiguous tensors; a fresh Adam state follows its parameter's layout, and fused Adam
+    on mixed layouts takes another code path whose rounding differs, which would break bit-exact resume.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 class ControlChannel:
@@ -232,8 +246,6 @@ class Trainer:
         contents = None
         if self.resume_path is not None:
             contents = ckpt.read_checkpoint(self.resume_path)
-            from trainer.config import parse_yaml
-
             self.config_changes = check_resume_compatible(parse_yaml(contents.config_yaml), cfg, self.resume_path)
             for name, module in (("generator", generator), ("generator_ema", generator_ema), ("critic", critic)):
                 ckpt.check_state_dict_fits(name, contents.models[name], module, self.resume_path)
@@ -243,7 +255,7 @@ class Trainer:
 
         if cfg.train.sync_batchnorm and acc.num_processes > 1 and self.device.type == "cuda":
             generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        memory_format = torch.channels_last if cfg.train.channels_last and self.device.type == "cuda" else None
+        memory_format = torch.channels_last if cfg.train.channels_last else None
         if memory_format is not None:
             generator, critic, generator_ema = (
                 m.to(memory_format=memory_format) for m in (generator, critic, generator_ema)
@@ -270,7 +282,9 @@ class Trainer:
             self.opt_d.load_state_dict(contents.optimizers["optimizer_critic"])
             for optimizer, lr in ((self.opt_g, cfg.train.lr_g), (self.opt_d, cfg.train.lr_d)):
                 for group in optimizer.param_groups:  # hyper-parameters come from the config, not the checkpoint
-                    group["lr"], group["betas"] = lr, tuple(cfg.train.betas)
+                    group.update(lr=lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps)
+            match_parameter_layout(self.opt_g)
+            match_parameter_layout(self.opt_d)
             if acc.scaler is not None and contents.training_state.get("scaler"):
                 acc.scaler.load_state_dict(contents.training_state["scaler"])
 
@@ -416,11 +430,9 @@ class Trainer:
                 if fault == [str(acc.process_index), str(state.iteration)]:
                     raise RuntimeError(f"injected fault on rank {acc.process_index} at iteration {state.iteration}")
                 log_now = (state.iteration + 1) % cfg.log.every == 0 or state.iteration + 1 == cfg.train.iterations
-                for j in range(cfg.train.n_critic):
+                for _ in range(cfg.train.n_critic):
                     real = self.batches.next(state.critic_steps)
-                    result = self.steps.critic_step(
-                        real, state.critic_steps, measure=log_now and j == cfg.train.n_critic - 1
-                    )
+                    result = self.steps.critic_step(real, state.critic_steps, measure=log_now)
                     state.critic_steps += 1
                     state.data_position = self.batches.position
                     window.add(result.stats)

@@ -88,6 +88,7 @@ class TrainingSteps:
             z_dim,
         )
         self.device = accelerator.device
+        self.critic_parameters = [p for p in nets.critic_core.parameters() if p.requires_grad]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +141,9 @@ class TrainingSteps:
         stats["loss/critic"] = loss.detach()
         stats["wasserstein"] = -stats["loss/critic_adversarial"]
 
-        self.accelerator.backward(loss)
+        # Gradients for D's parameters only: the critic's input is a leaf that requires grad (for the penalty),
+        # and without `inputs` the backward would also compute its unused gradient through the first layer.
+        self.accelerator.backward(loss, inputs=self.critic_parameters)
         return StepResult(stats, self._update(self.opt_d, self.nets.critic_core, measure, "grad_norm/D", stats))
 
     def generator_step(self, iteration: int, measure: bool = False) -> StepResult:

@@ -58,7 +58,7 @@ def main() -> None:
                 steps.critic_step(real, 0)
         else:
             steps.critic_step(real, 0)
-        grads = {f"{site}/{name}": p.grad.detach().clone() for name, p in nets.critic_core.named_parameters()}
+        grads = {f"{site}/{name}": p.grad.detach().contiguous() for name, p in nets.critic_core.named_parameters()}
         nets.critic_core.zero_grad(set_to_none=True)
         return grads
 

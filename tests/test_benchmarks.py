@@ -1,0 +1,86 @@
+"""Benchmarks: bench_step.py runs end to end, and its baseline really is the user's loop.
+
+No timing is asserted here: speed targets are checked by running the benchmarks, never by timed tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import bench_step
+from benchmarks.levers import FakesWithGrad, SeparateForwards, clone_steps
+from benchmarks.reference_loop import ReferenceLoop
+from tests.support import REPO, TINY, child_env
+
+SMOKE = ["data.resolution=16", "model.width=8", "train.batch_size=16"]
+KEYS = ("img_per_s", "reference_img_per_s", "ratio", "critic_step_ms", "critic_step_no_penalty_ms",
+        "penalty_cost_ratio", "generator_step_ms", "iteration_ms", "flops_per_image", "mfu", "peak_memory_mib",
+        "device", "device_name", "precision", "batch_size", "n_critic", "steps", "config", "torch_version")  # fmt: skip
+POSITIVE = ("img_per_s", "reference_img_per_s", "ratio", "critic_step_ms", "critic_step_no_penalty_ms",
+            "penalty_cost_ratio", "generator_step_ms", "iteration_ms", "flops_per_image",
+            "peak_memory_mib")  # fmt: skip
+
+
+def test_bench_step_prints_one_json_object_with_positive_measurements():
+    command = [sys.executable, "benchmarks/bench_step.py", "--config", "configs/demo.yaml", *SMOKE,
+               "--steps", "1", "--warmup", "1", "--json"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
+    assert set(KEYS) <= set(result)
+    for key in POSITIVE:
+        assert isinstance(result[key], (int, float)) and result[key] > 0, (key, result[key])
+    assert result["mfu"] is None or result["mfu"] > 0  # no peak FLOP/s is known for a CPU unless given
+    assert (result["device"], result["batch_size"], result["steps"]) == ("cpu", 16, 1)
+    assert result["n_critic"] == 3 and result["precision"] == "fp32"
+
+
+@pytest.fixture(scope="module")
+def tiny_trainer(tmp_path_factory):
+    torch.manual_seed(0)
+    trainer = bench_step.build_trainer(REPO / "configs" / "demo.yaml", TINY, tmp_path_factory.mktemp("run"))
+    return trainer, bench_step.initial_weights(trainer)
+
+
+def reference_for(trainer, weights) -> ReferenceLoop:
+    cfg = trainer.cfg
+    generator, critic = bench_step.reference_models(cfg, weights, trainer.device)
+    return ReferenceLoop(generator, critic, cfg.model.z_dim, cfg.train.n_critic, cfg.train.lr_g, cfg.train.lr_d,
+                         trainer.device, cfg.loss.k, cfg.loss.p)  # fmt: skip
+
+
+def test_reference_critic_step_runs_the_penalty_graph_through_g_and_ours_does_not(tiny_trainer):
+    trainer, weights = tiny_trainer
+    reference = reference_for(trainer, weights)
+    real = trainer.batches.next(0)
+
+    reference.critic_step(real.clone())
+    g_grads = [p.grad for p in reference.generator.parameters()]
+    assert all(g is not None for g in g_grads) and any(g.abs().sum() > 0 for g in g_grads)  # fault 1, kept
+    before = [p.detach().clone() for p in reference.generator.parameters()]
+    reference.generator_step()  # on the critic step's fake and retained graph (fault 2, kept)
+    assert any(not torch.equal(a, p) for a, p in zip(before, reference.generator.parameters()))
+
+    trainer.steps.critic_step(real.clone(), 0)
+    assert all(p.grad is None for p in trainer.generator_module.parameters())
+
+
+def test_lever_variants_compute_the_product_critic_loss(tiny_trainer):
+    trainer, _ = tiny_trainer
+    critic = trainer.nets.critic_core
+    start = copy.deepcopy(critic.state_dict())
+    real = trainer.batches.next(1)
+    losses = []
+    for cls in (None, SeparateForwards, FakesWithGrad):
+        critic.load_state_dict(start)
+        steps = trainer.steps if cls is None else clone_steps(trainer.steps, cls)
+        losses.append(steps.critic_step(real.clone(), 0).stats["loss/critic"])  # step 0 takes the penalty
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses[2], losses[0], rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in trainer.generator_module.parameters())  # FakesWithGrad drops G's grads
