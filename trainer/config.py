@@ -542,13 +542,22 @@ def iter_settings(cls=Config, prefix: str = ""):
             yield prefix + f.name, f, hints[f.name]
 
 
+def _yaml_literal(value: Any) -> str:
+    """A default as it is written in a config file: true/false, null, [a, b]."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_literal(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
 def reference_markdown() -> str:
     rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, f, tp in iter_settings():
         if f.default is not REQUIRED:
-            default = f"`{f.default}`" if f.default is not None else "`null`"
+            default = f"`{_yaml_literal(f.default)}`"
         elif f.default_factory is not REQUIRED:
-            default = f"`{f.default_factory()}`"
+            default = f"`{_yaml_literal(f.default_factory())}`"
         else:
             default = "(required)"
         rows.append(f"| `{key}` | {default} | {_allowed(f, tp)} | {f.metadata['help']} |")
