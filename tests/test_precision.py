@@ -173,17 +173,6 @@ def test_an_fp16_overflow_is_reported_as_a_skipped_step(tmp_path):
     assert result.skipped
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-
-
 def critic_gradients(trainer):
     trainer.steps._update = lambda optimizer, module, measure, prefix, stats: False
     trainer.steps.critic_step(trainer.batches.next(0), 0)

@@ -72,12 +72,17 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     return accelerator
 
 
-def agree_any(flag: bool, accelerator: Accelerator) -> bool:
-    """True on every rank if `flag` is True on any rank (one small all-reduce; no collective on one process)."""
-    if accelerator.num_processes == 1:
+def agree(flag: bool, processes, require_all: bool = False) -> bool:
+    """One value of `flag` for every rank: whether any rank (or, with require_all, every rank) has it True.
+
+    One small all-reduce (MAX or MIN); no collective on one process. `processes` is an Accelerator or anything
+    with `device` and `num_processes`.
+    """
+    if processes.num_processes == 1:
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    value = torch.tensor([1.0 if flag else 0.0], device=processes.device)
+    op = torch.distributed.ReduceOp.MIN if require_all else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(value, op=op)
     return bool(value.item())
 
 

@@ -6,6 +6,7 @@ prints the message once and exits with status 2. Everything else is a bug and ke
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -26,6 +27,18 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A missing, empty or unreadable data source."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors follow the CLI contract too: one paragraph ending in the usage, exit 2."""
+
+    def __init__(self, *args, usage_line: str, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.usage_line = usage_line
+
+    def error(self, message: str):
+        raise UserError(f"{message}. Usage: {self.usage_line}.")
 
 
 def format_paragraph(message: str, width: int = 100) -> str:

@@ -19,18 +19,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.errors import USER_ERROR_EXIT_CODE, UserError, report_user_error
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, report_user_error
 
 USAGE = "python -m trainer.evaluate --checkpoint DIR [--metrics fid,swd] [--num-images N] [--ema/--no-ema]"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors follow the same contract: a paragraph, exit 2
-        raise UserError(f"{message}. Usage: {USAGE}.")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, usage_line=USAGE)
     parser.add_argument("--checkpoint", required=True, help="Checkpoint directory (iter-NNNNNNN) or run directory.")
     parser.add_argument("--metrics", default=None, help="Comma-separated: fid, swd (default: eval.metrics).")
     parser.add_argument("--num-images", type=int, default=None, help="Images to generate (default: eval.num_images).")

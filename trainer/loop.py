@@ -22,7 +22,7 @@ from models import models_from_config
 from trainer import checkpoint as ckpt
 from trainer.config import Config, dump_yaml, parse_yaml
 from trainer.data import RealBatches, open_source, shard
-from trainer.distributed import agree_any, make_accelerator
+from trainer.distributed import agree, make_accelerator
 from trainer.ema import ema_beta, update_ema
 from trainer.errors import ConfigError, UserError, process_rank
 from trainer.randomness import Streams, stream_seed
@@ -358,7 +358,7 @@ class Trainer:
                 path = ckpt.write_checkpoint(self.run_dir, self.state.iteration, contents, self.cfg.checkpoint.keep)
             except UserError as caught:
                 error = caught
-        if agree_any(error is not None, acc):
+        if agree(error is not None, acc):
             raise error or UserError("The main process could not write a checkpoint (its message is above).")
         return path
 

@@ -55,6 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer.data import ArraySource, FileSource, open_source, to_uint8
+from trainer.distributed import agree
 from trainer.errors import DataError, UserError
 from trainer.randomness import Streams
 
@@ -439,15 +440,6 @@ def gather_rows(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
-def all_agree(flag: bool, processes: Processes) -> bool:
-    """True on every rank only when `flag` is True on every rank (a cache hit must be unanimous)."""
-    if processes.num_processes == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], device=processes.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Embedding a set of images: FID features and SWD descriptors, gathered in global image order.
 
@@ -681,7 +673,7 @@ def real_statistics(cfg, processes, metrics, num_images, num_descriptors, extrac
     for metric in metrics:
         keys[metric] = cache_key(metric, data, resolution, channels, num_images, identities[metric])
         cached = read_cache(cache_path(root, keys[metric]), keys[metric])
-        if all_agree(cached is not None, processes):
+        if agree(cached is not None, processes, require_all=True):  # a cache hit must be unanimous
             out.update({name: tensor.to(processes.device) for name, tensor in cached.items()})
         else:
             missing.append(metric)

@@ -44,20 +44,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.data import IMAGE_EXTENSIONS, FileSource, list_image_files
-from trainer.errors import USER_ERROR_EXIT_CODE, DataError, UserError, report_user_error
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, DataError, UserError, report_user_error
 
 USAGE = "python -m trainer.prepare SRC OUT.npy --resolution R [--channels 1|3] [--limit N] [--workers W]"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors follow the CLI contract: one paragraph, exit 2
-        raise UserError(f"{message}. Usage: {USAGE}.")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _ArgumentParser(
-        prog="python -m trainer.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog="python -m trainer.prepare", description=__doc__, usage_line=USAGE)
     parser.add_argument("src", metavar="SRC", help="Folder (searched recursively) or .zip of PNG/JPG images.")
     parser.add_argument("out", metavar="OUT", help="Output .npy file, (N, C, R, R) uint8.")
     parser.add_argument("--resolution", type=int, required=True, help="Output side R in pixels (data.resolution).")

@@ -17,16 +17,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.errors import USER_ERROR_EXIT_CODE, UserError, process_rank, report_user_error
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, process_rank, report_user_error
 
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors follow the same contract: a paragraph, exit 2
-        raise UserError(f"{message}. Usage: trainer/run.py --config PATH [dotted.key=value ...] [--resume auto|PATH].")
+USAGE = "trainer/run.py --config PATH [dotted.key=value ...] [--resume auto|PATH]"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, usage_line=USAGE)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/).")
     parser.add_argument(
         "--resume",

@@ -10,7 +10,6 @@ checkpoint's checksums are verified; nothing is unpickled. Runs on CUDA when ava
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,12 +17,7 @@ import torch
 
 from trainer.checkpoint import check_state_dict_fits, read_generator
 from trainer.config import config_from_dict, parse_yaml
-from trainer.errors import USER_ERROR_EXIT_CODE, UserError, report_user_error
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{message}. Usage: python -m trainer.sample --checkpoint DIR [--n N] [--seed S] --out PATH.")
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, report_user_error
 
 
 def load_generator(checkpoint: Path, ema: bool = True, device: str | torch.device = "cpu"):
@@ -45,8 +39,11 @@ def generate(generator, z_dim: int, n: int, seed: int, device, batch: int = 256)
     return torch.cat([generator(chunk.to(device)).float().cpu() for chunk in z.split(batch)])
 
 
+USAGE = "python -m trainer.sample --checkpoint DIR [--n N] [--seed S] [--raw] --out PATH"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, usage_line=USAGE)
     parser.add_argument("--checkpoint", required=True, type=Path, help="A checkpoint directory (iter-NNNNNNN).")
     parser.add_argument("--n", type=int, default=64, help="Number of images.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of z.")
