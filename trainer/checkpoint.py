@@ -188,8 +188,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def verify_checkpoint(path: Path) -> dict:
-    """Check the manifest and every file's size and SHA-256; return the manifest or raise CheckpointError."""
+def _verified_files(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """Check the manifest and every file's size and SHA-256; return the manifest and the files' bytes.
+
+    Each file is read once: the bytes that were hashed are the bytes that get parsed.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
@@ -215,25 +218,31 @@ def verify_checkpoint(path: Path) -> dict:
     missing = sorted(expected - set(files))
     if missing:
         raise CheckpointError(f"The checkpoint {path} lists no {', '.join(missing)} in its manifest.")
+    contents = {}
     for name, record in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"The checkpoint {path} is missing {name}.")
-        if file.stat().st_size != record["size"]:
+        data = file.read_bytes()
+        if len(data) != record["size"]:
             raise CheckpointError(
-                f"The checkpoint file {file} has {file.stat().st_size} bytes, but the manifest "
+                f"The checkpoint file {file} has {len(data)} bytes, but the manifest "
                 f"says {record['size']}: it is truncated or was altered."
             )
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
-        if digest != record["sha256"]:
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise CheckpointError(
                 f"The checkpoint file {file} does not match its SHA-256 in the manifest: it was altered or corrupted."
             )
-    return manifest
+        contents[name] = data
+    return manifest, contents
 
 
-def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    data = file.read_bytes()
+def verify_checkpoint(path: Path) -> dict:
+    """Check the manifest and every file's size and SHA-256; return the manifest or raise CheckpointError."""
+    return _verified_files(path)[0]
+
+
+def _parse_safetensors(data: bytes, file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors = load_safetensors_bytes(data)
         header_len = int.from_bytes(data[:8], "little")
@@ -246,22 +255,39 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 def read_checkpoint(path: Path) -> CheckpointContents:
     """Verify, then read a checkpoint: safetensors and JSON only (a stray .pt or pickle file is never opened)."""
     path = Path(path)
-    verify_checkpoint(path)
-    models = {stem: _read_safetensors(path / f"{stem}.safetensors")[0] for stem in MODEL_FILES}
+    _, files = _verified_files(path)
+    models = {stem: _parse_safetensors(files[f"{stem}.safetensors"], path / f"{stem}.safetensors")[0]
+              for stem in MODEL_FILES}  # fmt: skip
     optimizers = {}
     for stem in OPTIMIZER_FILES:
-        tensors, metadata = _read_safetensors(path / f"{stem}.safetensors")
+        tensors, metadata = _parse_safetensors(files[f"{stem}.safetensors"], path / f"{stem}.safetensors")
         optimizers[stem] = optimizer_from_tensors(tensors, metadata)
-    training_state = json.loads((path / "training_state.json").read_text())
-    return CheckpointContents(models, optimizers, training_state, (path / "config.yaml").read_text())
+    training_state = json.loads(files["training_state.json"])
+    return CheckpointContents(models, optimizers, training_state, files["config.yaml"].decode())
 
 
 def read_generator(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """Only the (EMA) generator's weights and the config, for sampling and evaluation."""
     path = Path(path)
-    verify_checkpoint(path)
-    tensors, _ = _read_safetensors(path / f"{'generator_ema' if ema else 'generator'}.safetensors")
-    return tensors, (path / "config.yaml").read_text()
+    _, files = _verified_files(path)
+    name = f"{'generator_ema' if ema else 'generator'}.safetensors"
+    tensors, _ = _parse_safetensors(files[name], path / name)
+    return tensors, files["config.yaml"].decode()
+
+
+def load_generator(path: Path, ema: bool = True, device: str | torch.device = "cpu"):
+    """(G or EMA-G built from the checkpoint's config, in eval mode on `device`, that Config)."""
+    from models import build_generator
+    from trainer.config import config_from_dict, parse_yaml
+
+    path = Path(path)
+    state, config_yaml = read_generator(path, ema=ema)
+    cfg = config_from_dict(parse_yaml(config_yaml), origin=f"'{path / 'config.yaml'}'")
+    m, d = cfg.model, cfg.data
+    generator = build_generator(m.arch, d.resolution, d.channels, m.width, m.z_dim, m.g_norm)
+    check_state_dict_fits("generator_ema" if ema else "generator", state, generator, path)
+    generator.load_state_dict(state)
+    return generator.eval().requires_grad_(False).to(device), cfg
 
 
 def newest_valid_checkpoint(run_dir: Path) -> Path | None:

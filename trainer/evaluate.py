@@ -77,28 +77,18 @@ def pick_device(name: str):
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Build G from the checkpoint, evaluate it, return the JSON-ready result."""
-    from models import build_generator
     from trainer import checkpoint as ckpt
-    from trainer.config import config_from_dict, parse_yaml
     from trainer.metrics import LocalProcess, evaluate_generator
 
     path = resolve_checkpoint(args.checkpoint)
-    state_dict, config_yaml = ckpt.read_generator(path, ema=args.ema)
-    cfg = config_from_dict(parse_yaml(config_yaml), origin=f"'{path / 'config.yaml'}'")
+    device = pick_device(args.device)
+    generator, cfg = ckpt.load_generator(path, ema=args.ema, device=device)
     if args.inception is not None:
         cfg.eval.inception = args.inception
     metrics = parse_metrics(args.metrics, cfg.eval.metrics)
     num_images = cfg.eval.num_images if args.num_images is None else args.num_images
     if num_images < 2:
         raise UserError(f"--num-images {num_images}: evaluate at least 2 images.")
-    device = pick_device(args.device)
-
-    m, d = cfg.model, cfg.data
-    generator = build_generator(m.arch, d.resolution, d.channels, m.width, m.z_dim, m.g_norm)
-    name = "generator_ema" if args.ema else "generator"
-    ckpt.check_state_dict_fits(name, state_dict, generator, path)
-    generator.load_state_dict(state_dict)
-    generator.to(device)
 
     results = evaluate_generator(generator, cfg, LocalProcess(device), metrics=metrics, num_images=num_images)
     iteration = json.loads((path / ckpt.MANIFEST).read_text()).get("iteration")

@@ -15,21 +15,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import check_state_dict_fits, read_generator
-from trainer.config import config_from_dict, parse_yaml
+from trainer.checkpoint import load_generator
 from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, report_user_error
-
-
-def load_generator(checkpoint: Path, ema: bool = True, device: str | torch.device = "cpu"):
-    """(generator in eval mode on `device`, its Config) from a checkpoint directory."""
-    from models import models_from_config
-
-    state, config_yaml = read_generator(checkpoint, ema=ema)
-    cfg = config_from_dict(parse_yaml(config_yaml), origin=f"{checkpoint}/config.yaml")
-    generator, _ = models_from_config(cfg)
-    check_state_dict_fits("generator", state, generator, checkpoint)
-    generator.load_state_dict(state)
-    return generator.eval().requires_grad_(False).to(device), cfg
 
 
 @torch.no_grad()
