@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from trainer.data import (
     load_image,
     open_source,
     shard,
+    to_uint8,
 )
 from trainer.errors import DataError
 from trainer.randomness import Streams
@@ -157,6 +160,120 @@ def test_grayscale_and_rgb_conversion(tmp_path):
     out = load_image(rgba, 8, 3, "rgba.png")
     assert out.shape == (3, 8, 8)
     np.testing.assert_array_equal(out[:, 0, 0], (10, 20, 30))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 16-bit images and macOS metadata.
+
+
+def png_16_bit_rgb(array: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (bit depth 16, colour type 2) of an (H, W, 3) uint16 array; Pillow cannot write one."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = array.shape[:2]
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def to_8_bits(values: np.ndarray) -> np.ndarray:
+    """The expected 8-bit value of a 16-bit one: round(value * 255 / 65535)."""
+    return np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+GRAY16 = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+GRAY16[0, 0] = 40000  # 155.6 -> 156 (convert("L") alone clips it to 255)
+WIDE16 = np.tile(np.linspace(1000, 64000, 32).round().astype(np.uint16), (24, 1))  # resized and cropped
+RGB16 = np.random.default_rng(5).integers(0, 65536, (16, 16, 3), dtype=np.uint16)
+RGB16[0, 0] = (40000, 0, 65535)
+
+
+@pytest.mark.parametrize(("kind", "workers"), [("folder", 0), ("zip", 2)])
+def test_16_bit_gray_and_rgb_pngs_are_scaled_to_8_bits(tmp_path, kind, workers):
+    files = {"gray16.png": png_bytes(GRAY16), "rgb16.png": png_16_bit_rgb(RGB16), "wide16.png": png_bytes(WIDE16)}
+    assert Image.open(io.BytesIO(files["gray16.png"])).mode.startswith("I")  # really 16-bit files
+    assert files["rgb16.png"][24:26] == b"\x10\x02"  # bit depth 16, colour type 2
+    if kind == "folder":
+        path = tmp_path / "scans"
+        for name, data in files.items():
+            write(path / name, data)
+    else:
+        path = tmp_path / "scans.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+    gray8, rgb8 = to_8_bits(GRAY16), to_8_bits(RGB16).transpose(2, 0, 1)
+    for channels in (1, 3):
+        source = open_source(str(path), 16, channels)
+        assert isinstance(source, FileSource) and source.files == sorted(files)
+        decoded = {name: source.read(index) for index, name in enumerate(source.files)}
+        np.testing.assert_array_equal(decoded["gray16.png"], np.repeat(gray8[None], channels, axis=0))
+        assert decoded["gray16.png"][0, 0, 0] == 156
+        # Scaled first, then converted, resized (short side, LANCZOS) and cropped like any 8-bit image.
+        wide8 = load_image(png_bytes(to_8_bits(WIDE16)), 16, channels, "wide8.png")
+        np.testing.assert_array_equal(decoded["wide16.png"], wide8)
+        # Pillow reduces 16-bit RGB itself (keeping the high byte): at most one level from the exact scaling.
+        exact = rgb8 if channels == 3 else load_image(png_bytes(rgb8.transpose(1, 2, 0)), 16, 1, "rgb8.png")
+        assert np.abs(decoded["rgb16.png"].astype(int) - exact).max() <= 1
+        if channels == 3:
+            np.testing.assert_array_equal(decoded["rgb16.png"][:, 0, 0], (156, 0, 255))
+        # Training batches hold the same values.
+        batches = RealBatches(source, Streams(0), len(source), 0, 1, CPU, workers=workers)
+        try:
+            batch = to_uint8(batches.next(0))
+            for row, index in enumerate(batches.order.indices(0, len(source)).tolist()):
+                assert torch.equal(batch[row], torch.from_numpy(decoded[source.files[index]].copy())), source.files[
+                    index
+                ]
+        finally:
+            del batches  # shut the workers down
+        # So does a prepared array (python -m trainer.prepare, here in this process).
+        out = tmp_path / f"prepared{channels}.npy"
+        argv = [str(path), str(out), "--resolution", "16", "--channels", str(channels), "--workers", str(workers)]
+        assert prepare.main(argv) == 0
+        np.testing.assert_array_equal(np.load(out), np.stack([decoded[name] for name in source.files]))
+
+
+def apple_double() -> bytes:
+    """An AppleDouble resource-fork file as macOS writes for `._photo.png` (magic 0x00051607): not an image."""
+    return struct.pack(">II16sH", 0x00051607, 0x00020000, b"Mac OS X", 2) + bytes(64)
+
+
+FINDER_ZIP = {  # what Finder's "Compress" puts in a zip of a folder `photos`
+    "photos/": b"",
+    "photos/a.png": png_bytes(solid(RED)),
+    "photos/b.png": png_bytes(solid(BLUE)),
+    "__MACOSX/": b"",
+    "__MACOSX/photos/": b"",
+    "__MACOSX/photos/._a.png": apple_double(),
+    "__MACOSX/photos/._b.png": apple_double(),
+}
+
+
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_macos_metadata_in_a_finder_zip_or_folder_is_skipped(tmp_path, kind, capsys):
+    if kind == "zip":
+        path = tmp_path / "photos.zip"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in FINDER_ZIP.items():
+                archive.writestr(name, data)
+    else:  # the same zip unpacked by a non-Apple tool, plus a `._` file that macOS writes on a FAT or exFAT disk
+        path = tmp_path / "photos"
+        for name, data in FINDER_ZIP.items():
+            if not name.endswith("/"):
+                write(path / name, data)
+        write(path / "photos" / "._c.png", apple_double())
+    assert list_image_files(path) == (["photos/a.png", "photos/b.png"], kind == "zip")
+    source = open_source(str(path), 8, 3)
+    assert len(source) == 2
+    batches = RealBatches(source, Streams(0), 2, 0, 1, CPU)
+    assert batches.next(0).shape == (2, 3, 8, 8)  # nothing unreadable to fail on
+    out = tmp_path / "photos.npy"
+    assert prepare.main([str(path), str(out), "--resolution", "16", "--workers", "0"]) == 0
+    assert "skipped 0 unreadable images" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(out)[:, :, 0, 0], [RED, BLUE])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,9 +461,9 @@ def test_prepare_cli_skips_a_corrupt_file_and_writes_the_rest(tmp_path):
     random_images(src / "00000", 4, size=12, seed=3)
     random_images(src / "01000", 2, size=12, seed=4)
     bad = write(src / "00000" / "img01b.png", truncated_png())  # sorts between img01 and img02
-    out = tmp_path / "out" / "ffhq8.npy"
+    out = tmp_path / "out" / "ffhq16.npy"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.prepare", str(src), str(out), "--resolution", "8", "--workers", "2"],
+        [sys.executable, "-m", "trainer.prepare", str(src), str(out), "--resolution", "16", "--workers", "2"],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -355,22 +472,22 @@ def test_prepare_cli_skips_a_corrupt_file_and_writes_the_rest(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert str(bad) in result.stderr and "warning" in result.stderr
-    assert "skipped 1 unreadable image" in result.stdout and "(6, 3, 8, 8)" in result.stdout
+    assert "skipped 1 unreadable image" in result.stdout and "(6, 3, 16, 16)" in result.stdout
     images = np.load(out)
-    assert images.shape == (6, 3, 8, 8) and images.dtype == np.uint8
+    assert images.shape == (6, 3, 16, 16) and images.dtype == np.uint8
     # Sorted file order, decoded exactly as training decodes them.
     names = [p for p in list_image_files(src)[0] if p != "00000/img01b.png"]
-    expected = np.stack([load_image(src / name, 8, 3, name) for name in names])
+    expected = np.stack([load_image(src / name, 16, 3, name) for name in names])
     np.testing.assert_array_equal(images, expected)
-    source = open_source(str(out), 8, 3)
+    source = open_source(str(out), 16, 3)
     assert isinstance(source, ArraySource) and len(source) == 6
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ffhq8.npy"]  # no temporary file left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ffhq16.npy"]  # no temporary file left behind
 
 
 def test_prepare_cli_missing_src_exits_2_without_traceback(tmp_path):
     missing = tmp_path / "no-such-folder"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.prepare", str(missing), str(tmp_path / "x.npy"), "--resolution", "8"],
+        [sys.executable, "-m", "trainer.prepare", str(missing), str(tmp_path / "x.npy"), "--resolution", "16"],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -392,14 +509,14 @@ def test_prepare_zip_with_limit_and_grayscale(tmp_path):
         archive.writestr("faces/002b.png", b"garbage")
     out = tmp_path / "gray.npy"
     assert (
-        prepare.main([str(src), str(out), "--resolution", "6", "--channels", "1", "--limit", "4", "--workers", "0"])
+        prepare.main([str(src), str(out), "--resolution", "16", "--channels", "1", "--limit", "4", "--workers", "0"])
         == 0
     )
     images = np.load(out)
-    assert images.shape == (4, 1, 6, 6)
+    assert images.shape == (4, 1, 16, 16)
     # The first four readable images in sorted order: 000, 001, 002, 003 (002b is skipped, not counted).
     np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 20, 40, 60])
-    assert len(open_source(str(out), 6, 1)) == 4
+    assert len(open_source(str(out), 16, 1)) == 4
 
 
 def test_prepare_in_process_errors_and_atomicity(tmp_path, monkeypatch, capsys):
@@ -407,14 +524,14 @@ def test_prepare_in_process_errors_and_atomicity(tmp_path, monkeypatch, capsys):
     random_images(src, 5)
     out = tmp_path / "out.npy"
     # OUT must end in .npy; an empty folder and a folder of unreadable files are errors naming SRC.
-    assert prepare.main([str(src), str(tmp_path / "out.bin"), "--resolution", "8"]) == 2
+    assert prepare.main([str(src), str(tmp_path / "out.bin"), "--resolution", "16"]) == 2
     assert ".npy" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert prepare.main([str(tmp_path / "empty"), str(out), "--resolution", "8"]) == 2
+    assert prepare.main([str(tmp_path / "empty"), str(out), "--resolution", "16"]) == 2
     assert "contains no images" in capsys.readouterr().err
     write(tmp_path / "bad" / "a.png", b"x")
     with pytest.raises(DataError, match="none could be read"):
-        prepare.prepare(tmp_path / "bad", out, 8, progress=False)
+        prepare.prepare(tmp_path / "bad", out, 16, progress=False)
     # An interrupted run leaves neither OUT nor a temporary file.
     calls = []
 
@@ -425,5 +542,5 @@ def test_prepare_in_process_errors_and_atomicity(tmp_path, monkeypatch, capsys):
         return load_image(self.path / self.files[index], self.resolution, self.channels, self.files[index])
 
     monkeypatch.setattr(FileSource, "read", interrupted_read)
-    assert prepare.main([str(src), str(out), "--resolution", "8", "--workers", "0"]) == 130
+    assert prepare.main([str(src), str(out), "--resolution", "16", "--workers", "0"]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "empty", "src"]

@@ -17,11 +17,14 @@ instead, so a prepared array never holds one).
 
 from __future__ import annotations
 
+import atexit
 import io
+import signal
+import weakref
 import zipfile
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -48,11 +51,24 @@ FFHQ_HINT = (
 # Decoding and resizing.
 
 
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit ("I;16*") or 32-bit integer ("I") grayscale image as "L", value * 255 / 65535 rounded.
+
+    Pillow's convert("L") clips such values at 255 (a 16-bit image would train as white). Values of an "I" image
+    outside 0..65535 are clipped. Pillow itself already reduces 16-bit RGB(A) and gray+alpha PNGs to 8 bits (it keeps
+    the high byte, value >> 8: at most one level from the exact scaling), so those pass through unchanged.
+    """
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return Image.fromarray(((values * 255 + 65535 // 2) // 65535).astype(np.uint8), "L")
+
+
 def load_image(data: bytes | Path, resolution: int, channels: int, name: str) -> np.ndarray:
-    """Decode one image to (C, R, R) uint8: convert to L/RGB, resize the short side to R, center-crop."""
+    """Decode one image to (C, R, R) uint8: 16-bit to 8-bit, convert to L/RGB, resize the short side to R, crop."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = to_8_bit(image).convert("L" if channels == 1 else "RGB")
             width, height = image.size
             scale = resolution / min(width, height)
             if scale != 1:
@@ -143,16 +159,33 @@ class FileSource(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack([self.read(i) for i in indices]))
 
 
+def is_image_name(name: str) -> bool:
+    """An image file name (by suffix), not macOS metadata: no `__MACOSX` folder, no AppleDouble `._name` file.
+
+    macOS Finder adds `__MACOSX/.../._photo.png` entries to the zips it makes (and `._photo.png` files to folders on
+    non-Apple disks); they hold resource forks, not images.
+    """
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return (
+        bool(parts)
+        and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
+        and not parts[-1].startswith("._")
+        and "__MACOSX" not in parts
+    )
+
+
 def list_image_files(path: Path) -> tuple[list[str], bool]:
     """Relative names of the images under a folder (recursive) or in a zip, sorted; and whether it is a zip."""
     if path.is_dir():
         files = sorted(
-            str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            str(p.relative_to(path))
+            for p in path.rglob("*")
+            if is_image_name(p.relative_to(path).as_posix()) and p.is_file()
         )
         return files, False
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            files = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(n for n in archive.namelist() if is_image_name(n))
         return files, True
     raise DataError(
         f"data.source = '{path}' is neither a folder, a .zip of images nor a prepared .npy array. {FFHQ_HINT}"
@@ -232,20 +265,27 @@ def open_source(source: str, resolution: int, channels: int) -> ArraySource | Fi
 
 
 class GlobalOrder:
-    """The endless stream of global sample indices: position i is perm_{i // n}[i % n], perm_e from (seed, e)."""
+    """The endless stream of global sample indices: position i is perm_{i // n}[i % n], perm_e from (seed, e).
 
-    def __init__(self, num_images: int, streams: Streams):
-        self.num_images, self.streams = num_images, streams
+    Permutations are drawn on the CPU (the same values on every device) and moved to `device` once per epoch, by an
+    asynchronous copy from pinned memory on CUDA, so that indexing a data set that lives on the GPU never makes the
+    host wait.
+    """
+
+    def __init__(self, num_images: int, streams: Streams, device: torch.device | str = "cpu"):
+        self.num_images, self.streams, self.device = num_images, streams, torch.device(device)
         self._epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            generator = self.streams.get("data_order", epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_images, generator=generator)
+            perm = torch.randperm(self.num_images, generator=self.streams.get("data_order", epoch))
+            if self.device.type == "cuda":
+                perm = perm.pin_memory().to(self.device, non_blocking=True)
+            self._epoch, self._perm = epoch, perm.to(self.device)
         return self._perm
 
     def indices(self, start: int, count: int) -> torch.Tensor:
-        """Global sample indices at stream positions [start, start + count)."""
+        """Global sample indices at stream positions [start, start + count), on this order's device."""
         out, position = [], start
         while position < start + count:
             epoch, offset = divmod(position, self.num_images)
@@ -270,8 +310,30 @@ class _RankBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start
         while True:
-            yield self.order.indices(position + self.rows.start, self.rows.stop - self.rows.start).tolist()
+            yield self.order.indices(position + self.rows.start, self.rows.stop - self.rows.start).numpy().tolist()
             position += self.global_batch
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_OPEN: weakref.WeakSet[RealBatches] = weakref.WeakSet()  # whose DataLoader workers are running
+
+
+@atexit.register  # registered after multiprocessing's own exit handler (imported with torch), so it runs first
+def _close_all() -> None:
+    """At exit, end every DataLoader's workers ourselves: multiprocessing would SIGTERM them (ignored) and wait."""
+    for batches in list(_OPEN):
+        batches.close()
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave the stop signals to the main process.
+
+    A preemption signal reaches the whole process group (SLURM, scancel, Ctrl-C). A worker that died of it would
+    fail the main process's next batch before it could write its checkpoint; ignored here, the main process
+    finishes the iteration, checkpoints, and shuts the workers down itself.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class RealBatches:
@@ -298,14 +360,15 @@ class RealBatches:
         self.source, self.streams, self.global_batch = source, streams, global_batch
         self.rows, self.device, self.hflip = shard(global_batch, rank, world_size), device, hflip
         self.position = position
-        self.order = GlobalOrder(len(source), streams)
-        self._loader_iter = None
+        on_device = on_device and isinstance(source, ArraySource)
+        self.order = GlobalOrder(len(source), streams, device if on_device else "cpu")
+        self._loader, self._loader_iter = None, None
         if isinstance(source, ArraySource):
             if on_device:
                 source.to(device)
         else:
             sampler = _RankBatchSampler(self.order, position, global_batch, self.rows)
-            loader = torch.utils.data.DataLoader(
+            self._loader = torch.utils.data.DataLoader(
                 source,
                 sampler=sampler,
                 batch_size=None,
@@ -313,23 +376,46 @@ class RealBatches:
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
+                worker_init_fn=_ignore_stop_signals if workers > 0 else None,
             )
-            self._loader_iter = iter(loader)
 
     def next(self, step: int) -> torch.Tensor:
         """The real images of global batch number `step` for this process; advances `position`."""
-        if self._loader_iter is not None:
+        if self._loader is not None:
+            if self._loader_iter is None:  # workers start at the first batch, after the loop's signal handlers
+                self._loader_iter = iter(self._loader)
+                _OPEN.add(self)
             try:
                 batch = next(self._loader_iter)
             except DataError as error:  # re-raised by the DataLoader with the worker's traceback in its text
                 raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         else:
             local = self.rows.stop - self.rows.start
-            indices = self.order.indices(self.position + self.rows.start, local)
-            batch = self.source.images[indices.to(self.source.images.device)]
+            batch = self.source.images[self.order.indices(self.position + self.rows.start, local)]
+            if batch.device.type == "cpu" and self.device.type == "cuda":
+                batch = batch.pin_memory()  # so that the copy below is asynchronous
         self.position += self.global_batch
         batch = batch.to(self.device, non_blocking=True)
         return to_training_range(batch, self.flips(step) if self.hflip else None)
+
+    def close(self) -> None:
+        """Shut the DataLoader workers down now (they ignore SIGTERM, so an exit must not wait for it to end them).
+
+        Without this, a process leaving by an exception keeps the persistent workers until interpreter exit,
+        where multiprocessing terminates (SIGTERM, ignored) and then joins them: forever.
+        """
+        iterator, self._loader_iter = self._loader_iter, None
+        _OPEN.discard(self)
+        if iterator is None:
+            return
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # sentinels, then a bounded join
+        if shutdown is not None:
+            shutdown()
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+        if self._loader is not None:
+            self._loader._iterator = None  # a persistent-workers DataLoader keeps its iterator
 
     def flips(self, step: int) -> torch.Tensor:
         coins = torch.rand(self.global_batch, generator=self.streams.get("flip", step, self.device), device=self.device)
