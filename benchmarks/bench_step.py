@@ -54,8 +54,7 @@ import torch
 from benchmarks.reference_loop import ReferenceLoop
 from models import models_from_config
 from trainer.config import Config, load_config
-from trainer.ema import ema_beta, update_ema
-from trainer.loop import ControlChannel, SkipCounter, StopSignals, Trainer
+from trainer.loop import Trainer
 
 # Dense (no sparsity) peak tensor-core TFLOP/s from NVIDIA's datasheets, by device-name fragment (first match
 # wins, so the specific names come first) and by the precision the matmuls run in.
@@ -187,52 +186,27 @@ def build_trainer(config: str | Path, overrides: list[str], run_dir: str | Path)
 
 
 class TrainerLoop:
-    """The body of `Trainer.train()` per iteration, without logging, samples, evaluation or checkpoints.
+    """`Trainer.train()`'s iterations (`Trainer.train_iteration` and the control read), without logging, samples,
+    evaluation or checkpoints.
 
     Steps run with measure=False: the extra gradient norms of logging iterations are not part of the steady state.
     """
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        self.skips = SkipCounter(trainer.state, trainer.device)
-        self.signals = StopSignals()  # never installed: nothing asks this loop to stop
-        self.control = ControlChannel(trainer.accelerator)
-        self.generator = trainer.generator_module  # G's plain (never compiled) module, which the EMA reads
 
     @property
     def images_per_iteration(self) -> int:
         return self.trainer.cfg.train.n_critic * self.trainer.cfg.train.batch_size
 
-    def iteration(self, phase: Callable[[str], contextlib.AbstractContextManager] = no_phases) -> None:
-        trainer, cfg, state = self.trainer, self.trainer.cfg, self.trainer.state
-        for _ in range(cfg.train.n_critic):
-            with phase("data"):
-                real = trainer.batches.next(state.critic_steps)
-            with phase("critic"):
-                result = trainer.steps.critic_step(real, state.critic_steps)
-                self.skips.add(result.skipped)
-            state.critic_steps += 1
-            state.data_position = trainer.batches.position
-        with phase("generator"):
-            result = trainer.steps.generator_step(state.iteration)
-            self.skips.add(result.skipped)
-        with phase("ema_and_control"):
-            images_seen = (state.iteration + 1) * cfg.train.batch_size
-            beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)
-            update_ema(trainer.generator_ema, self.generator, beta)
-            state.iteration += 1
-            self.post_control()
-
-    def post_control(self) -> None:
-        """The loop's control values of this iteration: read at once on CPU, one iteration late on CUDA."""
-        flags = [self.skips.streak.float(), self.skips.total.float(),
-                 torch.tensor(float(self.signals.requested), device=self.trainer.device)]  # fmt: skip
-        self.trainer.apply_control(self.control.post(torch.stack(flags)))
-
     def run(self, iterations: int, phase: Callable[[str], contextlib.AbstractContextManager] = no_phases) -> None:
+        trainer = self.trainer
         for _ in range(iterations):
-            self.iteration(phase)
-        self.trainer.apply_control(self.control.flush())  # no control copy left in flight across a measurement
+            trainer.train_iteration(phase=phase)
+            with phase("control"):
+                trainer.apply_control(trainer.control.read())
+        trainer.apply_control(trainer.control.flush())  # no control copy left in flight across a measurement
+        trainer.window = type(trainer.window)()  # nothing logs here: drop the accumulated statistics
 
     def throughput(self, iterations: int, warmup: int = 0) -> float:
         """Real images per second over `iterations`, after `warmup` untimed ones; no synchronisation inside."""
@@ -308,13 +282,13 @@ def measure_breakdown(loop: TrainerLoop, steps: int) -> dict:
     memory, memory_kind = peak_memory_mib(device)
     with_ms, without_ms = penalty_pair_ms(loop, steps * n_critic)
     return {
-        "critic_step_ms": phases.ms("critic"),
+        "critic_step_ms": phases.ms("critic_step"),
         "critic_step_penalised_ms": with_ms,
         "critic_step_no_penalty_ms": without_ms,
         "penalty_cost_ratio": with_ms / without_ms,
-        "generator_step_ms": phases.ms("generator"),
+        "generator_step_ms": phases.ms("generator_step"),
         "data_ms": phases.ms("data"),
-        "ema_and_control_ms": phases.ms("ema_and_control"),
+        "ema_and_control_ms": (phases.seconds["ema"] + phases.seconds["control"]) * 1000 / max(phases.counts["ema"], 1),
         "flops_per_image": flops_per_image(loop.run, loop.trainer.cfg, loop.images_per_iteration),
         "peak_memory_mib": memory,
         "peak_memory_kind": memory_kind,

@@ -125,6 +125,12 @@ def test_missing_data_source_under_accelerate_launch_module(tmp_path):
     assert_quiet_launcher_failure(result)
 
 
+@pytest.mark.slow
+def test_an_unwritable_run_dir_is_a_clear_error(tmp_path):
+    result = run([*RUN, "--config", "configs/demo.yaml", "run.dir=/proc/wgan-div-run", "train.iterations=1"])
+    assert_user_error(result, "run.dir = '/proc/wgan-div-run' cannot be written to")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # A successful tiny run writes the resolved config, a sample grid and a complete checkpoint.
 

@@ -19,6 +19,7 @@ Loading uses only `safetensors` and `json`: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +41,19 @@ from trainer.errors import UserError
 FORMAT = "wgan-div-trainer/1"
 CHECKPOINT_DIR = "checkpoints"
 NAME_PATTERN = re.compile(r"^iter-(\d{7,})$")
+STAGING_PATTERN = re.compile(r"^\.(tmp|trash)-(iter-\d{7,})-[0-9a-f]+$")
+# Tests and the fault soak: "NAME" makes a checkpoint write end the process abruptly at that point (see _crash_point).
+CRASH_ENV = "WGAN_DIV_CRASH_AT"
+# The keys that fix the shapes of the networks: they must match the checkpoint being resumed.
+ARCHITECTURE_KEYS = (
+    "model.arch",
+    "model.width",
+    "model.z_dim",
+    "model.g_norm",
+    "model.d_norm",
+    "data.resolution",
+    "data.channels",
+)
 MANIFEST = "manifest.json"
 MODEL_FILES = ("generator", "generator_ema", "critic")
 OPTIMIZER_FILES = ("optimizer_generator", "optimizer_critic")
@@ -97,6 +111,12 @@ def _write_synced(path: Path, data: bytes) -> dict:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _crash_point(name: str) -> None:
+    """End the process like a power cut or `kill -9` here if CRASH_ENV names this point (tests only)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
+
+
 def _fsync_dir(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -113,6 +133,7 @@ class CheckpointContents:
     optimizers: dict[str, dict]  # file stem -> optimizer state_dict (OPTIMIZER_FILES)
     training_state: dict
     config_yaml: str
+    digest: str = ""  # SHA-256 of the manifest (set when read): identifies the checkpoint across ranks
 
 
 def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents, keep: int) -> Path:
@@ -146,9 +167,11 @@ def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents
         manifest["files"]["config.yaml"] = _write_synced(staging / "config.yaml", contents.config_yaml.encode())
         _write_synced(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(staging)
-        if final.exists():  # the same iteration again (e.g. a resumed run that ends at once): swap it out
+        _crash_point("staging-complete")
+        if final.exists():  # the same iteration again: swap it out (recover_interrupted_writes mends a crash here)
             trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
             final.rename(trash)
+            _crash_point("between-renames")
             staging.rename(final)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -161,18 +184,37 @@ def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents
             f"checkpoints in {root} are intact; free space or fix permissions, then resume "
             f"with --resume auto."
         ) from None
+    # Every checkpoint here belongs to this run's history (restore() set the others aside), so the highest
+    # iterations are the newest; the one just written is never removed.
     for old in list_checkpoints(run_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def remove_stale_staging(run_dir: Path) -> None:
-    """Remove temporary directories left by a writer that was killed."""
+def recover_interrupted_writes(run_dir: Path) -> list[str]:
+    """Mend what a writer that was killed left behind; returns one note per checkpoint recovered.
+
+    A complete staging directory (`.tmp-iter-N-*`, verified) whose checkpoint is missing is the newest state of
+    iteration N: a crash came after it was written, before or between the renames; it is renamed into place.
+    Failing that, the previous copy of a same-iteration swap (`.trash-iter-N-*`) is put back. Everything else
+    (incomplete staging, copies no longer needed) is removed.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(path, ignore_errors=True)
+    if not root.is_dir():
+        return []
+    notes = []
+    leftovers = sorted(p for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-")))
+    for path in sorted(leftovers, key=lambda p: not p.name.startswith(".tmp-")):  # newer states first
+        match = STAGING_PATTERN.match(path.name)
+        final = root / match.group(2) if match else None
+        if final is not None and not final.exists():
+            with contextlib.suppress(CheckpointError, OSError):
+                verify_checkpoint(path)
+                path.rename(final)
+                notes.append(f"recovered {final} from an interrupted checkpoint write")
+        shutil.rmtree(path, ignore_errors=True)
+    return notes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,7 +243,8 @@ def _verified_files(path: Path) -> tuple[dict, dict[str, bytes]]:
         )
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest_bytes = manifest_path.read_bytes()
+        manifest = json.loads(manifest_bytes)
         files = manifest["files"]
     except FileNotFoundError:
         raise CheckpointError(f"The checkpoint {path} is incomplete: it has no {MANIFEST}.") from None
@@ -218,7 +261,7 @@ def _verified_files(path: Path) -> tuple[dict, dict[str, bytes]]:
     missing = sorted(expected - set(files))
     if missing:
         raise CheckpointError(f"The checkpoint {path} lists no {', '.join(missing)} in its manifest.")
-    contents = {}
+    contents = {MANIFEST: manifest_bytes}
     for name, record in files.items():
         file = path / name
         if not file.is_file():
@@ -263,7 +306,8 @@ def read_checkpoint(path: Path) -> CheckpointContents:
         tensors, metadata = _parse_safetensors(files[f"{stem}.safetensors"], path / f"{stem}.safetensors")
         optimizers[stem] = optimizer_from_tensors(tensors, metadata)
     training_state = json.loads(files["training_state.json"])
-    return CheckpointContents(models, optimizers, training_state, files["config.yaml"].decode())
+    digest = hashlib.sha256(files[MANIFEST]).hexdigest()
+    return CheckpointContents(models, optimizers, training_state, files["config.yaml"].decode(), digest)
 
 
 def read_generator(path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
@@ -290,23 +334,34 @@ def load_generator(path: Path, ema: bool = True, device: str | torch.device = "c
     return generator.eval().requires_grad_(False).to(device), cfg
 
 
-def newest_valid_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose manifest and checksums hold; broken ones are skipped with a warning."""
+def newest_valid_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest and checksums hold; broken ones are skipped (with a warning)."""
     for path in list_checkpoints(run_dir):
         try:
             verify_checkpoint(path)
             return path
         except CheckpointError as error:
-            warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
+            if warn:
+                warnings.warn(f"skipping checkpoint: {error}", stacklevel=2)
     return None
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """`--resume auto`: the newest valid checkpoint in run_dir or None; `--resume PATH`: PATH, verified."""
+def resolve_resume(run_dir: Path, resume: str | None, warn: bool = True) -> Path | None:
+    """`--resume auto`: the newest valid checkpoint in run_dir or None; `--resume PATH`: PATH, verified.
+
+    Without --resume, a run_dir that already holds checkpoints is an error (a fresh start would overwrite them).
+    """
     if resume is None:
+        existing = list_checkpoints(run_dir)
+        if existing:
+            raise UserError(
+                f"run.dir = '{run_dir}' already holds checkpoints (newest: {existing[0].name}). Pass "
+                f"--resume auto to continue that run, or choose another run.dir; a fresh start there would "
+                f"overwrite them."
+            )
         return None
     if resume == "auto":
-        return newest_valid_checkpoint(run_dir)
+        return newest_valid_checkpoint(run_dir, warn)
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(
@@ -315,6 +370,166 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         )
     verify_checkpoint(path)
     return path
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
+    """Dotted keys whose value differs between two config dicts: {key: (saved, current)}."""
+    changes = {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[prefix + key] = (a, b)
+    return changes
+
+
+def check_resume_compatible(saved_config: dict, current_config: dict, path: Path) -> dict[str, tuple]:
+    """The config changes since the checkpoint; a CheckpointError if any of them changes the architecture."""
+    changes = config_changes(saved_config, current_config)
+    structural = {k: v for k, v in changes.items() if k in ARCHITECTURE_KEYS}
+    if structural:
+        described = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in structural.items())
+        raise CheckpointError(
+            f"Cannot resume from {path}: the architecture changed: {described}. These keys "
+            f"must match the checkpoint; learning rates, logging, checkpointing and "
+            f"train.iterations may change."
+        )
+    return changes
+
+
+def match_parameter_layout(optimizer) -> None:
+    """Give loaded optimizer state the memory layout of its parameter (channels_last after a resume, too).
+
+    Checkpoints store plain contiguous tensors; a fresh Adam state follows its parameter's layout, and fused Adam
+    on mixed layouts takes another code path whose rounding differs, which would break bit-exact resume.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
+def _set_aside(path: Path, prefix: str) -> Path:
+    """Rename a checkpoint to PREFIX-iter-N (a name that listing, --resume auto and pruning ignore)."""
+    target = path.with_name(f"{prefix}-{path.name}")
+    number = 2
+    while target.exists():
+        target, number = path.with_name(f"{prefix}-{path.name}-{number}"), number + 1
+    path.rename(target)
+    return target
+
+
+def set_aside_other_histories(run_dir: Path, resumed: Path | None) -> list[str]:
+    """Move aside every checkpoint of run_dir that a run resumed from `resumed` must never prune or resume from.
+
+    Those are the checkpoints at or after the resumed iteration other than the resumed one itself: after a
+    rollback (`--resume` to an older checkpoint) they belong to the abandoned future and become
+    `abandoned-iter-N`; the damaged ones that `--resume auto` skipped become `damaged-iter-N`. Nothing is deleted.
+    Returns one note per checkpoint moved.
+    """
+    resumed_iteration = -1
+    if resumed is not None:
+        match = NAME_PATTERN.match(Path(resumed).name)
+        resumed_iteration = int(match.group(1)) if match else -1
+    notes = []
+    for path in list_checkpoints(run_dir):
+        iteration = int(NAME_PATTERN.match(path.name).group(1))
+        if iteration < resumed_iteration or (resumed is not None and path.resolve() == Path(resumed).resolve()):
+            continue
+        try:
+            verify_checkpoint(path)
+            prefix, why = "abandoned", "it is not older than the checkpoint resumed from"
+        except CheckpointError:
+            prefix, why = "damaged", "it is incomplete or damaged"
+        target = _set_aside(path, prefix)
+        notes.append(f"moved {path.name} aside to {target.name} ({why}); delete it when you no longer need it")
+    return notes
+
+
+@dataclass
+class Resume:
+    """What restore() found and did: the checkpoint (None for a fresh start), its counters, config changes, notes."""
+
+    path: Path | None = None
+    counters: dict = field(default_factory=dict)
+    config_changes: dict[str, tuple] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def restore(
+    resume: str | None,
+    run_dir: Path,
+    config: dict,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    scaler,
+    processes,
+) -> Resume:
+    """Resume a run, in one place: find and verify the checkpoint, check that it fits, agree across ranks, load.
+
+    `resume` is None (a fresh start; an error if run_dir holds checkpoints), "auto" (the newest valid checkpoint
+    in run_dir, or a fresh start) or a checkpoint path. Every rank finds and reads the checkpoint itself (no file
+    system is assumed shared), checks the architecture keys of `config` and every tensor shape against
+    `modules`; a problem on any rank stops every rank with one message. The ranks then compare what they found
+    (name and manifest digest), so nodes that see different run directories cannot silently train from
+    different states. The main process moves aside the checkpoints that are not part of the resumed history
+    (see set_aside_other_histories). Then weights (into `modules`, the plain nn.Modules), optimizer states (their
+    hyper-parameters stay those of the optimizers given, i.e. the config's), the loss scaler's state, and the
+    counters (returned) are loaded. Must be called on every rank at the same point; only safetensors and JSON
+    are read.
+    """
+    from trainer.distributed import gather_text, one_outcome
+
+    path, contents, changes = None, None, {}
+    with one_outcome(processes):
+        path = resolve_resume(run_dir, resume, warn=False)
+        if path is not None:
+            contents = read_checkpoint(path)
+            changes = check_resume_compatible(_saved_config(contents, path), config, path)
+            for name, module in modules.items():
+                check_state_dict_fits(name, contents.models[name], module, path)
+    identity = "a fresh start" if contents is None else f"{path.name} (manifest {contents.digest[:12]})"
+    identities = gather_text(identity, processes)
+    if len(set(identities)) > 1:
+        found = ", ".join(f"rank {rank}: {text}" for rank, text in enumerate(identities))
+        raise CheckpointError(
+            f"The processes did not find the same checkpoint to resume from ({found}). run.dir = '{run_dir}' must "
+            f"be on a file system that every node sees (see launch/README.md), or pass --resume PATH with a "
+            f"checkpoint present on every node.",
+            agreed=True,
+        )
+    result = Resume(path=path, config_changes=changes)
+    if processes.is_main_process and resume is not None:
+        result.notes = set_aside_other_histories(run_dir, path)
+    if contents is None:
+        return result
+    for name, module in modules.items():
+        module.load_state_dict(contents.models[name])
+    for name, optimizer in optimizers.items():
+        configured = [{k: g[k] for k in ("lr", "betas", "eps")} for g in optimizer.param_groups]
+        optimizer.load_state_dict(contents.optimizers[name])
+        for group, hyper in zip(optimizer.param_groups, configured):
+            group.update(hyper)
+        match_parameter_layout(getattr(optimizer, "optimizer", optimizer))
+    if scaler is not None and contents.training_state.get("scaler"):
+        scaler.load_state_dict(contents.training_state["scaler"])
+    result.counters = dict(contents.training_state["counters"])
+    return result
+
+
+def _saved_config(contents: CheckpointContents, path: Path) -> dict:
+    from trainer.config import parse_yaml
+
+    try:
+        saved = parse_yaml(contents.config_yaml)
+    except Exception:
+        saved = None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"The checkpoint {path} has an unreadable config.yaml.")
+    return saved
 
 
 def check_state_dict_fits(name: str, saved: dict[str, torch.Tensor], module: torch.nn.Module, path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
@@ -11,7 +13,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from trainer.config import Config
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, PeerFailure, UserError
+
+# Tests and `launch/gpu_check.sh --dry-run`: "1" runs train.mixed_precision=fp16 on the CPU (autocast fp16 with a
+# CPU GradScaler), the CUDA fp16 path with every piece real but the device.
+CPU_FP16_ENV = "WGAN_DIV_CPU_FP16"
 
 
 def resolve_mixed_precision(cfg: Config) -> str:
@@ -62,12 +68,26 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
         raise ConfigError(
             f"The launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate set up "
             f"{accelerator.num_processes}: each process would train alone on its own copy. On CPU, export "
-            f"ACCELERATE_USE_CPU=1 (or use `accelerate launch --multi_gpu` with it); see launch/README.md."
+            f"ACCELERATE_USE_CPU=1 (or use `accelerate launch --multi_gpu` with it); see launch/README.md.",
+            agreed=True,
         )
     if mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        if os.environ.get(CPU_FP16_ENV) != "1":
+            raise ConfigError(
+                f"Config error: train.mixed_precision = fp16 needs a CUDA GPU, but this process runs on "
+                f"{accelerator.device.type} (Accelerate would silently train in fp32). Use bf16 or no.",
+                agreed=True,
+            )
+        # What Accelerate does for fp16 on CUDA, on the CPU: prepare() then autocasts the forwards to fp16 and
+        # wraps the optimizers with this scaler; backward() scales the loss.
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    if cfg.train.batch_size % accelerator.num_processes:
+        n = accelerator.num_processes
         raise ConfigError(
-            f"Config error: train.mixed_precision = fp16 needs a CUDA GPU, but this process runs on "
-            f"{accelerator.device.type} (Accelerate would silently train in fp32). Use bf16 or no."
+            f"Config error: train.batch_size = {cfg.train.batch_size} (the global batch) does not divide evenly "
+            f"over {n} processes. Use a multiple of {n}, e.g. {n * max(1, cfg.train.batch_size // n)}.",
+            agreed=True,
         )
     return accelerator
 
@@ -86,9 +106,62 @@ def agree(flag: bool, processes, require_all: bool = False) -> bool:
     return bool(value.item())
 
 
+def gather_text(text: str, processes) -> list[str]:
+    """Every rank's `text`, in rank order, on every rank: UTF-8 bytes in two all_gathers, nothing pickled."""
+    if processes.num_processes == 1:
+        return [text]
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    length = torch.tensor([data.numel()], dtype=torch.int64, device=processes.device)
+    lengths = [torch.empty_like(length) for _ in range(processes.num_processes)]
+    torch.distributed.all_gather(lengths, length)
+    sizes = [int(n.item()) for n in lengths]
+    padded = torch.zeros(max(*sizes, 1), dtype=torch.uint8)
+    padded[: data.numel()] = data
+    padded = padded.to(processes.device)
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(gathered, padded)
+    return [bytes(t[:n].cpu().tolist()).decode() for t, n in zip(gathered, sizes)]
+
+
+@contextlib.contextmanager
+def one_outcome(processes) -> Iterator[None]:
+    """Run a setup phase on every rank and leave every rank with the same outcome.
+
+    A UserError on some ranks is raised on all of them, agreed (printed once, by rank 0, naming the rank it came
+    from unless every rank raised the same); any other exception is re-raised where it happened (with its
+    traceback) and stops the other ranks as a PeerFailure. One collective at the end; the body must hold none
+    (a rank that failed early would meet the others in a different collective).
+    """
+    failure: BaseException | None = None
+    outcome = ""
+    try:
+        yield
+    except UserError as error:
+        failure, outcome = error, "user:" + str(error)
+    except Exception as error:
+        failure, outcome = error, f"bug:{type(error).__name__}: {error}"
+    outcomes = gather_text(outcome, processes)
+    failed = [(rank, text) for rank, text in enumerate(outcomes) if text]
+    if not failed:
+        return
+    if failure is not None and not isinstance(failure, UserError):
+        raise failure
+    user = [(rank, text.removeprefix("user:")) for rank, text in failed if text.startswith("user:")]
+    if not user:
+        rank, text = failed[0]
+        raise PeerFailure(f"rank {rank} failed while setting up ({text.removeprefix('bug:')})")
+    rank, message = user[0]
+    if len(failed) == len(outcomes) and len({text for _, text in user}) == 1 and isinstance(failure, UserError):
+        failure.agreed = True  # every rank raised this very error: keep it (and its type), reported once
+        raise failure
+    others = len(failed) - 1
+    more = f" ({others} other process{'es' if others > 1 else ''} failed too)" if others else ""
+    raise UserError(f"[rank {rank}] {message}{more}", agreed=True)
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Whether an exception means another process died (so this one should not print its own traceback)."""
-    if isinstance(error, getattr(torch.distributed, "DistBackendError", ())):
+    if isinstance(error, (PeerFailure, getattr(torch.distributed, "DistBackendError", ()))):
         return True
     text = str(error)
     return any(

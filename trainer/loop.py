@@ -1,8 +1,10 @@
-"""The training loop: n_critic critic steps, one generator step, EMA, logging, samples, checkpoints.
+"""The training loop: build everything, then train (n_critic critic steps, one generator step, EMA, repeat).
 
-The math lives in `trainer/losses.py`, one step's mechanics in `trainer/steps.py`; this file orchestrates.
-Every branch follows the global counters (iteration, critic steps) that every rank holds identically, and
-values that steer control flow on one rank only (a signal) are agreed with a collective.
+`Trainer.__init__` is a short sequence of named builders (accelerator, data, models, optimizers, restore, steps);
+`Trainer.train` is the loop, whose iteration body is `train_iteration`. The math lives in `trainer/losses.py`, one
+step's mechanics in `trainer/steps.py`, resume in `trainer/checkpoint.py`. Every branch follows the global counters
+(iteration, critic steps) that every rank holds identically, and values that steer control flow on one rank only
+(a signal) are agreed with a collective.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from models import models_from_config
 from trainer import checkpoint as ckpt
-from trainer.config import Config, dump_yaml, parse_yaml
+from trainer.config import Config, dump_yaml
 from trainer.data import RealBatches, open_source, shard
-from trainer.distributed import agree, make_accelerator
+from trainer.distributed import agree, make_accelerator, one_outcome
 from trainer.ema import ema_beta, update_ema
-from trainer.errors import ConfigError, UserError, process_rank
+from trainer.errors import UserError, process_rank
 from trainer.randomness import Streams, stream_seed
 from trainer.steps import Nets, TrainingSteps
 from trainer.tracking import MetricWindow, Tracker, sample_grid, save_png
@@ -35,16 +38,6 @@ warnings.filterwarnings("ignore", message="Grad strides do not match bucket view
 
 # Test hook for failure handling: "RANK:ITERATION" makes that rank raise at the start of that iteration.
 FAULT_ENV = "WGAN_DIV_INJECT_FAULT"
-
-ARCHITECTURE_KEYS = (
-    "model.arch",
-    "model.width",
-    "model.z_dim",
-    "model.g_norm",
-    "model.d_norm",
-    "data.resolution",
-    "data.channels",
-)
 
 
 @dataclass
@@ -57,6 +50,11 @@ class TrainingState:
     skipped_steps: int = 0  # steps skipped for non-finite gradients (fp16 overflow included)
     bad_step_streak: int = 0  # consecutive skipped steps
     wandb_run_id: str | None = None
+
+    @classmethod
+    def from_counters(cls, counters: dict) -> TrainingState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in counters.items() if k in known})
 
 
 class StopSignals:
@@ -80,6 +78,7 @@ class StopSignals:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
 
     def _handle(self, signum, _frame) -> None:
         now = time.monotonic()
@@ -105,52 +104,47 @@ class SkipCounter:
         self.total = self.total + skipped
 
 
-def match_parameter_layout(optimizer) -> None:
-    """Give loaded optimizer state the memory layout of its parameter (channels_last after a resume, too).
-
-    Checkpoints store plain contiguous tensors; a fresh Adam state follows its parameter's layout, and fused Adam
-    on mixed layouts takes another code path whose rounding differs, which would break bit-exact resume.
-    """
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            state = optimizer.state.get(parameter, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
-                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
-
-
 class ControlChannel:
     """Per-iteration control values (skip counters, a stop request), agreed over ranks with one MAX all-reduce.
 
-    On CUDA the values reach the host by an asynchronous copy that is read one iteration later, so the host never
-    stalls the GPU's queue to read them; every rank reads the same values at the same iteration, so all act alike.
-    Elsewhere they are read at once.
+    `post` sends this iteration's values without reading them. `read` returns the values to act on now: on CUDA
+    those posted one iteration earlier, which an asynchronous copy has brought to the host meanwhile, so the host
+    never stalls the GPU's queue to read them; elsewhere the values just posted. Every rank reads the same values
+    at the same iteration, so all act alike. `flush` reads the latest values (waiting for them).
     """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.delayed = accelerator.device.type == "cuda"
-        self.pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self.pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
-    def post(self, values: torch.Tensor) -> list[float] | None:
-        """Send this iteration's values; returns the values to act on now (None when there are none yet)."""
+    def post(self, values: torch.Tensor) -> None:
         if self.accelerator.num_processes > 1:
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
         if not self.delayed:
-            return values.tolist()
-        ready = self.flush()
+            self.pending = [(values, None)]
+            return
         event = torch.cuda.Event()
-        self.pending = (values.to("cpu", non_blocking=True), event)
+        self.pending.append((values.to("cpu", non_blocking=True), event))  # into pinned memory
         event.record()
-        return ready
+
+    def read(self) -> list[float] | None:
+        if self.delayed and len(self.pending) < 2:
+            return None
+        return self._take(self.pending.pop(0))
 
     def flush(self) -> list[float] | None:
-        """The values posted last and not read yet (waits for them), or None."""
-        if self.pending is None:
+        if not self.pending:
             return None
-        values, event = self.pending
-        self.pending = None
-        event.synchronize()
+        latest = self.pending[-1]
+        self.pending = []
+        return self._take(latest)
+
+    @staticmethod
+    def _take(entry: tuple[torch.Tensor, torch.cuda.Event | None]) -> list[float]:
+        values, event = entry
+        if event is not None:
+            event.synchronize()
         return values.tolist()
 
 
@@ -167,127 +161,41 @@ class SpeedMeter:
         return iterations * self.images_per_iteration / max(elapsed, 1e-9), elapsed / iterations
 
 
-def config_changes(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
-    """Dotted keys whose value differs between two config dicts: {key: (saved, current)}."""
-    changes = {}
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.update(config_changes(a, b, f"{prefix}{key}."))
-        elif a != b:
-            changes[prefix + key] = (a, b)
-    return changes
-
-
-def check_resume_compatible(saved_config: dict, cfg: Config, path: Path) -> dict[str, tuple]:
-    changes = config_changes(saved_config, cfg.to_dict())
-    structural = {k: v for k, v in changes.items() if k in ARCHITECTURE_KEYS}
-    if structural:
-        described = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in structural.items())
-        raise ckpt.CheckpointError(
-            f"Cannot resume from {path}: the architecture changed: {described}. These keys "
-            f"must match the checkpoint; learning rates, logging, checkpointing and "
-            f"train.iterations may change."
-        )
-    return changes
-
-
 class Trainer:
     """Builds everything a run needs from its config, then trains."""
 
     def __init__(self, cfg: Config, resume: str | None = None):
-        self.cfg = cfg
-        self.run_dir = Path(cfg.run.dir)
+        self.cfg, self.run_dir = cfg, Path(cfg.run.dir)
+        self.streams = Streams(cfg.run.seed)
         # Only the main process (global rank 0) ever touches W&B.
         use_wandb = cfg.log.wandb.mode != "disabled" and process_rank() == 0
-        self.accelerator = make_accelerator(cfg, log_with="wandb" if use_wandb else None)
-        acc = self.accelerator
+        self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if use_wandb else None)
         self.device = acc.device
-        if cfg.train.batch_size % acc.num_processes:
-            raise ConfigError(
-                f"Config error: train.batch_size = {cfg.train.batch_size} (the global batch) does not "
-                f"divide evenly over {acc.num_processes} processes. Use a multiple of "
-                f"{acc.num_processes}, e.g. {acc.num_processes * max(1, cfg.train.batch_size // acc.num_processes)}."
-            )
-        self.source = open_source(cfg.data.source, cfg.data.resolution, cfg.data.channels)
-        if len(self.source) < cfg.train.batch_size:
-            warnings.warn(
-                f"data.source holds {len(self.source)} images, fewer than one global batch "
-                f"({cfg.train.batch_size}); batches repeat images within an epoch boundary.",
-                stacklevel=2,
-            )
-        if cfg.eval.every and "fid" in cfg.eval.metrics:  # fail now, not at the first evaluation hours later
-            from trainer.metrics import resolve_inception_path
-
-            resolve_inception_path(cfg.eval.inception)
-        self.state = TrainingState()
-        self.streams = Streams(cfg.run.seed)
-
-        if cfg.model.g_norm == "batch" and acc.num_processes > 1 and not cfg.train.sync_batchnorm:
-            self.note(
-                f"model.g_norm = batch with {acc.num_processes} processes: G's batch statistics are per "
-                f"process (over {cfg.train.batch_size // acc.num_processes} samples), so results depend on the "
-                f"process count. Use model.g_norm=pixel or none for results independent of it, or "
-                f"train.sync_batchnorm=true on CUDA."
-            )
-
-        torch.manual_seed(stream_seed(cfg.run.seed, "init"))
-        generator, critic = models_from_config(cfg)
-        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-
-        self.resume_path = ckpt.resolve_resume(self.run_dir, resume)
-        existing = ckpt.list_checkpoints(self.run_dir)
-        if resume is None and existing:
-            raise UserError(
-                f"run.dir = '{self.run_dir}' already holds checkpoints (newest: {existing[0].name}). Pass "
-                f"--resume auto to continue that run, or choose another run.dir; a fresh start there would "
-                f"overwrite them."
-            )
-        contents = None
-        if self.resume_path is not None:
-            contents = ckpt.read_checkpoint(self.resume_path)
-            self.config_changes = check_resume_compatible(parse_yaml(contents.config_yaml), cfg, self.resume_path)
-            for name, module in (("generator", generator), ("generator_ema", generator_ema), ("critic", critic)):
-                ckpt.check_state_dict_fits(name, contents.models[name], module, self.resume_path)
-                module.load_state_dict(contents.models[name])
-            known = {f.name for f in dataclasses.fields(TrainingState)}
-            self.state = TrainingState(**{k: v for k, v in contents.training_state["counters"].items() if k in known})
-
-        if cfg.train.sync_batchnorm and acc.num_processes > 1 and self.device.type == "cuda":
-            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        memory_format = torch.channels_last if cfg.train.channels_last else None
-        if memory_format is not None:
-            generator, critic, generator_ema = (
-                m.to(memory_format=memory_format) for m in (generator, critic, generator_ema)
-            )
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-            torch.backends.cudnn.benchmark = True
-
-        adam = {"betas": tuple(cfg.train.betas), "eps": cfg.train.adam_eps}
-        adam["fused"] = True  # one kernel per step, and it can skip a non-finite step on the device
-        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr_g, **adam)
-        opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.train.lr_d, **adam)
+        with one_outcome(acc):  # a mistake found by any rank stops every rank, reported once
+            self.source = self.build_source()
+            generator, critic = self.build_models()
+            self.recovered = self.prepare_run_dir()
+        self.warn_about_batch_statistics()
+        generator, critic, generator_ema = self.set_layout(generator, critic)
+        opt_g, opt_d = self.build_optimizers(generator, critic)
         generator, critic, self.opt_g, self.opt_d = acc.prepare(generator, critic, opt_g, opt_d)
+        self.generator_module = acc.unwrap_model(generator)  # never compiled: clean state_dict keys
         self.generator_ema = generator_ema.to(self.device)
-        self.generator_module = generator_core = acc.unwrap_model(generator)  # never compiled: clean state_dict keys
-        if cfg.train.compile_g:
-            generator_core = torch.compile(generator_core)
-            generator = torch.compile(generator)
-        self.nets = Nets(generator, critic, generator_core, acc.unwrap_model(critic))
-
-        if contents is not None:
-            self.opt_g.load_state_dict(contents.optimizers["optimizer_generator"])
-            self.opt_d.load_state_dict(contents.optimizers["optimizer_critic"])
-            for optimizer, lr in ((self.opt_g, cfg.train.lr_g), (self.opt_d, cfg.train.lr_d)):
-                for group in optimizer.param_groups:  # hyper-parameters come from the config, not the checkpoint
-                    group.update(lr=lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps)
-            match_parameter_layout(self.opt_g)
-            match_parameter_layout(self.opt_d)
-            if acc.scaler is not None and contents.training_state.get("scaler"):
-                acc.scaler.load_state_dict(contents.training_state["scaler"])
-
+        self.nets = self.build_nets(generator, critic)
+        self.resumed = ckpt.restore(
+            resume,
+            self.run_dir,
+            cfg.to_dict(),
+            modules={
+                "generator": self.generator_module,
+                "generator_ema": self.generator_ema,
+                "critic": self.nets.critic_core,
+            },
+            optimizers={"optimizer_generator": self.opt_g, "optimizer_critic": self.opt_d},
+            scaler=acc.scaler,
+            processes=acc,
+        )
+        self.state = TrainingState.from_counters(self.resumed.counters)
         self.steps = TrainingSteps(
             self.nets,
             self.opt_g,
@@ -298,14 +206,111 @@ class Trainer:
             cfg.train.batch_size,
             shard(cfg.train.batch_size, acc.process_index, acc.num_processes),
             cfg.model.z_dim,
-            channels_last=memory_format is not None,
+            channels_last=cfg.train.channels_last,
         )
+        self.batches = self.build_batches()
+        self.sample_z = self.streams.normal("sample_z", 0, (cfg.log.grid_size, cfg.model.z_dim), self.device)
+        self.signals, self.window = StopSignals(), MetricWindow()
+        self.skips, self.control = SkipCounter(self.state, self.device), ControlChannel(acc)
+
+    # --- builders, in the order __init__ calls them -----------------------------------------------------------
+
+    def build_source(self):
+        cfg = self.cfg
+        source = open_source(cfg.data.source, cfg.data.resolution, cfg.data.channels)
+        if len(source) < cfg.train.batch_size:
+            warnings.warn(
+                f"data.source holds {len(source)} images, fewer than one global batch "
+                f"({cfg.train.batch_size}); batches repeat images within an epoch boundary.",
+                stacklevel=2,
+            )
+        if cfg.eval.every and "fid" in cfg.eval.metrics:  # fail now, not at the first evaluation hours later
+            from trainer.metrics import resolve_inception_path
+
+            resolve_inception_path(cfg.eval.inception)
+        return source
+
+    def build_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        torch.manual_seed(stream_seed(self.cfg.run.seed, "init"))
+        return models_from_config(self.cfg)
+
+    def prepare_run_dir(self) -> list[str]:
+        """The main process creates run.dir, checks that it can write there, mends interrupted checkpoint writes.
+
+        Returns notes on what was recovered. An unwritable run.dir is a UserError naming it. (config.yaml is
+        written when training starts, once the resume checks have passed: a refused start changes nothing.)
+        """
+        if not self.accelerator.is_main_process:
+            return []
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            notes = ckpt.recover_interrupted_writes(self.run_dir)
+        except OSError as error:
+            raise UserError(
+                f"run.dir = '{self.run_dir}' cannot be written to ({error.strerror or error}: "
+                f"{error.filename or self.run_dir}). Set run.dir to a directory this user can create and write, "
+                f"e.g. run.dir=runs/my-run."
+            ) from None
+        return notes
+
+    def warn_about_batch_statistics(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.model.g_norm == "batch" and acc.num_processes > 1 and not cfg.train.sync_batchnorm:
+            self.note(
+                f"model.g_norm = batch with {acc.num_processes} processes: G's batch statistics are per "
+                f"process (over {cfg.train.batch_size // acc.num_processes} samples), so results depend on the "
+                f"process count. Use model.g_norm=pixel or none for results independent of it, or "
+                f"train.sync_batchnorm=true on CUDA."
+            )
+
+    def set_layout(self, generator, critic):
+        """SyncBatchNorm, channels_last and backend flags; returns (G, D, EMA-G)."""
+        cfg = self.cfg
+        generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)  # plain BatchNorm: never synced
+        if cfg.train.sync_batchnorm and self.accelerator.num_processes > 1 and self.device.type == "cuda":
+            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+            self.note(
+                "train.sync_batchnorm: PyTorch's SyncBatchNorm makes the host wait for the GPU in every forward of "
+                "G (it reads the gathered sample counts), so the host cannot run ahead; model.g_norm=pixel or none "
+                "gives results independent of the process count without it."
+            )
+        if cfg.train.channels_last:
+            generator, critic, generator_ema = (
+                m.to(memory_format=torch.channels_last) for m in (generator, critic, generator_ema)
+            )
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+            torch.backends.cudnn.benchmark = True
+        return generator, critic, generator_ema
+
+    def build_optimizers(self, generator, critic):
+        train = self.cfg.train
+        # fused: one kernel per step, and it can skip a non-finite step on the device (steps._update)
+        adam = {"betas": tuple(train.betas), "eps": train.adam_eps, "fused": True}
+        return (
+            torch.optim.Adam(generator.parameters(), lr=train.lr_g, **adam),
+            torch.optim.Adam(critic.parameters(), lr=train.lr_d, **adam),
+        )
+
+    def build_nets(self, generator, critic) -> Nets:
+        acc, fakes = self.accelerator, None
+        if self.cfg.train.compile_g:
+            fakes = torch.compile(self.generator_module)
+            generator = torch.compile(generator)
+        return Nets(generator, critic, self.generator_module, acc.unwrap_model(critic), fakes)
+
+    def build_batches(self) -> RealBatches:
+        cfg, acc = self.cfg, self.accelerator
         on_device = cfg.data.on_device == "yes" or (
             cfg.data.on_device == "auto"
             and self.device.type == "cuda"
             and getattr(self.source, "nbytes", 1 << 40) <= 4 << 30
         )
-        self.batches = RealBatches(
+        return RealBatches(
             self.source,
             self.streams,
             cfg.train.batch_size,
@@ -317,20 +322,12 @@ class Trainer:
             workers=cfg.data.workers,
             on_device=on_device,
         )
-        self.sample_z = self.streams.normal("sample_z", 0, (cfg.log.grid_size, cfg.model.z_dim), self.device)
 
     # ---------------------------------------------------------------------------------------------------------
 
     def note(self, message: str) -> None:
         if self.accelerator.is_main_process:
             print(message, flush=True)
-
-    def prepare_run_dir(self) -> None:
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_staging(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg.to_dict()))
-        self.accelerator.wait_for_everyone()
 
     def checkpoint(self) -> Path | None:
         """Write a checkpoint from the main process while the others wait; every rank learns if it failed."""
@@ -359,7 +356,9 @@ class Trainer:
             except UserError as caught:
                 error = caught
         if agree(error is not None, acc):
-            raise error or UserError("The main process could not write a checkpoint (its message is above).")
+            error = error or UserError("The main process could not write a checkpoint (its message is above).")
+            error.agreed = True  # every rank stops with it; the main process's message is the one printed
+            raise error
         return path
 
     def evaluate(self) -> dict[str, float]:
@@ -408,21 +407,52 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------------
 
+    def train_iteration(self, measure: bool = False, phase=record_function) -> None:
+        """One iteration: n_critic critic steps, one generator step, the EMA, and this iteration's control values.
+
+        Device work only: nothing here reads a value back to the host (the control values are read by the loop,
+        see ControlChannel). `measure` adds the gradient norms that logging iterations report. Each phase runs in
+        `phase(name)`: a named profiler range, or the benchmark's per-phase clock.
+        """
+        cfg, state = self.cfg, self.state
+        for _ in range(cfg.train.n_critic):
+            with phase("data"):
+                real = self.batches.next(state.critic_steps)
+            with phase("critic_step"):
+                result = self.steps.critic_step(real, state.critic_steps, measure=measure)
+                self.window.add(result.stats)
+                self.skips.add(result.skipped)
+            state.critic_steps += 1
+            state.data_position = self.batches.position
+        with phase("generator_step"):
+            result = self.steps.generator_step(state.iteration, measure=measure)
+            self.window.add(result.stats)
+            self.skips.add(result.skipped)
+        with phase("ema"):
+            images_seen = (state.iteration + 1) * cfg.train.batch_size  # by G
+            beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)
+            update_ema(self.generator_ema, self.generator_module, beta)
+        state.iteration += 1
+        with phase("control"):
+            stop = torch.full((), float(self.signals.requested), device=self.device)  # a fill: no host copy
+            self.control.post(torch.stack([self.skips.streak.float(), self.skips.total.float(), stop]))
+
     def train(self) -> TrainingState:
-        """n_critic critic steps, one generator step, EMA; then log, sample, evaluate, checkpoint as scheduled."""
+        """Train to cfg.train.iterations: iterations, then log, sample, evaluate, checkpoint as scheduled."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        self.prepare_run_dir()
+        if acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
         tracker = Tracker(acc, cfg, self.run_dir, state.wandb_run_id, state.iteration)
         state.wandb_run_id = tracker.run_id
-        if self.resume_path is not None:
-            tracker.note(f"resumed from {self.resume_path} at iteration {state.iteration}")
-            for key, (old, new) in self.config_changes.items():
+        for message in self.recovered + self.resumed.notes:
+            tracker.note(message)
+        if self.resumed.path is not None:
+            tracker.note(f"resumed from {self.resumed.path} at iteration {state.iteration}")
+            for key, (old, new) in self.resumed.config_changes.items():
                 tracker.note(f"config changed since the checkpoint: {key}: {old!r} -> {new!r}")
-        signals, window, skips = StopSignals(), MetricWindow(), SkipCounter(state, self.device)
-        control = ControlChannel(acc)
-        signals.install()
+        self.signals.install()
         speed = SpeedMeter(state.iteration, cfg.train.n_critic * cfg.train.batch_size)
-        last_checkpoint = state.iteration if self.resume_path is not None else -1
+        last_checkpoint = state.iteration if self.resumed.path is not None else -1
         fault = os.environ.get(FAULT_ENV, "").split(":")
         started, first_iteration = time.perf_counter(), state.iteration
         try:
@@ -430,51 +460,33 @@ class Trainer:
                 if fault == [str(acc.process_index), str(state.iteration)]:
                     raise RuntimeError(f"injected fault on rank {acc.process_index} at iteration {state.iteration}")
                 log_now = (state.iteration + 1) % cfg.log.every == 0 or state.iteration + 1 == cfg.train.iterations
-                for _ in range(cfg.train.n_critic):
-                    real = self.batches.next(state.critic_steps)
-                    result = self.steps.critic_step(real, state.critic_steps, measure=log_now)
-                    state.critic_steps += 1
-                    state.data_position = self.batches.position
-                    window.add(result.stats)
-                    skips.add(result.skipped)
-                result = self.steps.generator_step(state.iteration, measure=log_now)
-                window.add(result.stats)
-                skips.add(result.skipped)
-                images_seen = (state.iteration + 1) * cfg.train.batch_size  # by G
-                beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)
-                update_ema(self.generator_ema, self.generator_module, beta)
-                state.iteration += 1
-
-                flags = [
-                    skips.streak.float(),
-                    skips.total.float(),
-                    torch.tensor(float(signals.requested), device=self.device),
-                ]
-                stop = self.apply_control(control.post(torch.stack(flags)))
+                self.train_iteration(measure=log_now)
+                stop = self.apply_control(self.control.read())
                 if log_now:
-                    tracker.scalars(state.iteration, {**window.reduce(acc), **self.progress_values(speed)})
+                    tracker.scalars(state.iteration, {**self.window.reduce(acc), **self.progress_values(speed)})
                 if state.iteration % cfg.log.samples_every == 0:
                     tracker.images(state.iteration, self.write_samples())
                 if cfg.eval.every and state.iteration % cfg.eval.every == 0:
                     tracker.scalars(state.iteration, self.evaluate())
                 if state.iteration % cfg.checkpoint.every == 0 or stop:
-                    stop = self.apply_control(control.flush()) or stop  # exact counters in the checkpoint
+                    stop = self.apply_control(self.control.flush()) or stop  # exact counters in the checkpoint
                     self.checkpoint()
                     last_checkpoint = state.iteration
                 tracker.advance(state.iteration)
                 if stop:
-                    tracker.note(f"{signals.name or 'a signal'} received: checkpoint written at iteration "
+                    tracker.note(f"{self.signals.name or 'a signal'} received: checkpoint written at iteration "
                                  f"{state.iteration}; resume with --resume auto.")  # fmt: skip
                     break
             else:
-                self.apply_control(control.flush())
+                self.apply_control(self.control.flush())
                 if last_checkpoint != state.iteration:
                     self.checkpoint()
                 if state.iteration % cfg.log.samples_every != 0:
                     tracker.images(state.iteration, self.write_samples())
                 tracker.note(self.summary(started, first_iteration))
         finally:
-            signals.restore()
+            self.signals.restore()
+            self.batches.close()
             tracker.close()
         acc.wait_for_everyone()
         return state
@@ -493,7 +505,8 @@ class Trainer:
                 f"Stopping at iteration {self.state.iteration}: {int(streak)} consecutive steps had non-finite "
                 f"gradients and were skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}). Nothing was "
                 f"saved from the diverged state; the newest checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR} is "
-                f"intact. Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16."
+                f"intact. Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16.",
+                agreed=True,
             )
         return bool(stop)
 

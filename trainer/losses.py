@@ -62,23 +62,35 @@ def gradient_penalty(input_grad: torch.Tensor, name: str, k: float, p: float) ->
     raise ValueError(f"unknown loss {name!r}")
 
 
+# The largest per-sample seed of the penalty's input gradient under fp16 loss scaling: fp16 holds up to 65,504,
+# and the seed enters D's backward in fp16 (at its output) before any other factor, so it must stay well inside.
+FP16_MAX_SEED = 2.0**14
+
+
 def input_gradient(
     critic_out: torch.Tensor, critic_in: torch.Tensor, loss_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """grad_x sum_i D(x_i), differentiable (create_graph=True), in fp32 and unscaled.
 
     Because no layer of D mixes samples, row i of the result is grad_{x_i} D(x_i). Under fp16 loss scaling the
-    gradient is taken of the SCALED output, so small per-layer gradients do not underflow, and multiplied by
-    1/scale out of place (PyTorch AMP recipe, "gradient penalty"); `loss_scale` is the scaler's scale as a
-    device tensor, so no host synchronisation is needed.
+    gradient is taken of `seed * sum_i D(x_i)`, so that small per-layer gradients do not underflow, and multiplied
+    by 1/seed out of place (PyTorch's AMP recipe, "gradient penalty"). The seed is the scaled MEAN's, about
+    scale / n for n rows (as the adversarial loss, a mean, is scaled), rounded down to a power of two (so that
+    scaling and unscaling are exact) and capped at FP16_MAX_SEED: seeding every row with the whole scale (65,536
+    at the start) would overflow fp16 at D's output at once.
+    `loss_scale` is the scaler's scale as a device tensor, so no host synchronisation is needed.
     """
-    outputs = critic_out.sum()
-    if loss_scale is not None:
-        outputs = outputs * loss_scale
+    if loss_scale is None:
+        outputs = critic_out.float().sum()
+        seed = None
+    else:
+        seed = torch.exp2(torch.floor(torch.log2(loss_scale.float() / critic_out.shape[0])))
+        seed = torch.clamp(seed, max=FP16_MAX_SEED)
+        outputs = (critic_out.float() * seed).sum()
     (grad,) = torch.autograd.grad(outputs, critic_in, create_graph=True)
     grad = grad.float()
-    if loss_scale is not None:
-        grad = grad * (1.0 / loss_scale)
+    if seed is not None:
+        grad = grad * (1.0 / seed)
     return grad
 
 

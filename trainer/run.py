@@ -17,7 +17,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, process_rank, report_user_error
+from trainer.errors import (
+    USER_ERROR_EXIT_CODE,
+    ArgumentParser,
+    PeerFailure,
+    UserError,
+    process_rank,
+    report_user_error,
+    stop_when_the_launcher_dies,
+)
 
 USAGE = "trainer/run.py --config PATH [dotted.key=value ...] [--resume auto|PATH]"
 
@@ -33,12 +41,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "there is none); PATH: from that checkpoint directory.",
     )
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="Config overrides.")
-    return parser.parse_args(argv)
+    # Overrides may come before or after the options: `--resume auto train.iterations=300000` extends a run.
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        stop_when_the_launcher_dies()
         from trainer.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -56,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
         rank = process_rank()
         if is_peer_failure(error):
+            detail = error if isinstance(error, PeerFailure) else type(error).__name__
             print(
-                f"[rank {rank}] stopping: another process failed ({type(error).__name__}); its error is "
-                f"reported above or in its own log.",
+                f"[rank {rank}] stopping: another process failed ({detail}); its error is reported above or in "
+                f"its own log.",
                 file=sys.stderr,
                 flush=True,
             )

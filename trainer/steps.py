@@ -10,6 +10,10 @@ The rules these steps keep (see ../shared/reference/wgan-div.md, "Known traps"):
 - Every random draw comes from (seed, stream, step) for the GLOBAL batch, and each rank keeps its rows, so N
   processes compute exactly what one process computes on the whole batch.
 - fp16: the input gradient is taken of the scaled output and unscaled out of place; the penalty is fp32.
+- A step is skipped, on every rank alike and without a host synchronisation, when the all-reduced gradients hold
+  a non-finite entry; one mechanism for every precision (see `_update`).
+
+Each phase runs in a named profiler range (`critic_penalty_grad`, ...), so that a trace reads like the algorithm.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from trainer import losses
 from trainer.randomness import Streams
@@ -31,12 +36,20 @@ class StepResult:
 
 @dataclass
 class Nets:
-    """The prepared (possibly DDP-wrapped) networks and their unwrapped modules."""
+    """The prepared (possibly DDP-wrapped) networks and their plain modules.
+
+    `generator_fakes` generates the critic step's fakes: the plain G, or its compiled version (train.compile_g).
+    """
 
     generator: nn.Module
     critic: nn.Module
     generator_core: nn.Module
     critic_core: nn.Module
+    generator_fakes: nn.Module | None = None
+
+    def __post_init__(self):
+        if self.generator_fakes is None:
+            self.generator_fakes = self.generator_core
 
 
 def grad_norm(parameters) -> torch.Tensor:
@@ -45,6 +58,18 @@ def grad_norm(parameters) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def gradients_not_finite(parameters) -> torch.Tensor:
+    """Whether any gradient entry is inf or nan, as a device bool (no host sync).
+
+    Reads the largest magnitude (an inf-norm, which cannot overflow as a sum of squares can), so it flags exactly
+    the entries GradScaler's own check flags.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).max())
 
 
 def block_grad_norms(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -104,35 +129,39 @@ class TrainingSteps:
     def critic_step(self, real: torch.Tensor, step: int, measure: bool = False) -> StepResult:
         """One critic update on this process's `real` rows of global batch `step`; returns device scalars."""
         cfg, b = self.loss_cfg, real.shape[0]
-        with torch.no_grad():
-            fake = self.nets.generator_core(self.latents("critic_z", step)).float()
+        with record_function("critic_fakes"), torch.no_grad():
+            fake = self.nets.generator_fakes(self.latents("critic_z", step)).float()
         penalise = step % cfg.every == 0
-        if penalise:
-            draw = losses.draw_penalty_points(
-                cfg.r, self.global_batch, self.streams.get("penalty", step, self.device), self.device
-            )
-            pool = None
-            if cfg.r in losses.PAIRED_SITES:  # partners may live on other ranks: pool the global batch
-                pool = torch.cat([self.accelerator.gather(real), self.accelerator.gather(fake)])
-            extra = losses.penalty_points(cfg.r, real, fake, draw, self.rows, pool)
-            critic_in = torch.cat([real, fake] if extra is None else [real, fake, extra])
-            critic_in = critic_in.contiguous(memory_format=self.memory_format).requires_grad_(True)
-            sites = {"real-and-fake": slice(0, 2 * b), "real": slice(0, b), "fake": slice(b, 2 * b)}
-            penalty_rows = sites.get(cfg.r, slice(2 * b, 3 * b))
-        else:
-            critic_in = torch.cat([real, fake]).contiguous(memory_format=self.memory_format)
+        with record_function("critic_inputs"):
+            if penalise:
+                draw = losses.draw_penalty_points(
+                    cfg.r, self.global_batch, self.streams.get("penalty", step, self.device), self.device
+                )
+                pool = None
+                if cfg.r in losses.PAIRED_SITES:  # partners may live on other ranks: pool the global batch
+                    pool = torch.cat([self.accelerator.gather(real), self.accelerator.gather(fake)])
+                extra = losses.penalty_points(cfg.r, real, fake, draw, self.rows, pool)
+                critic_in = torch.cat([real, fake] if extra is None else [real, fake, extra])
+                critic_in = critic_in.contiguous(memory_format=self.memory_format).requires_grad_(True)
+                sites = {"real-and-fake": slice(0, 2 * b), "real": slice(0, b), "fake": slice(b, 2 * b)}
+                penalty_rows = sites.get(cfg.r, slice(2 * b, 3 * b))
+            else:
+                critic_in = torch.cat([real, fake]).contiguous(memory_format=self.memory_format)
 
-        critic_out = self.nets.critic(critic_in)
-        d_real, d_fake = critic_out[:b], critic_out[b : 2 * b]
-        loss = losses.critic_adversarial_loss(d_real, d_fake)
+        with record_function("critic_forward"):
+            critic_out = self.nets.critic(critic_in)
+            d_real, d_fake = critic_out[:b], critic_out[b : 2 * b]
+            loss = losses.critic_adversarial_loss(d_real, d_fake)
         stats = {
             "loss/critic_adversarial": loss.detach(),
             "critic/real": d_real.detach().float().mean(),
             "critic/fake": d_fake.detach().float().mean(),
         }
         if penalise:
-            input_grad = losses.input_gradient(critic_out[penalty_rows], critic_in, self.loss_scale())[penalty_rows]
-            penalty = losses.gradient_penalty(input_grad, cfg.name, cfg.k * cfg.every, cfg.p)
+            with record_function("critic_penalty_grad"):
+                input_grad = losses.input_gradient(critic_out[penalty_rows], critic_in, self.loss_scale())
+                input_grad = input_grad[penalty_rows]
+                penalty = losses.gradient_penalty(input_grad, cfg.name, cfg.k * cfg.every, cfg.p)
             loss = loss + penalty
             stats["loss/penalty"] = penalty.detach()
             if measure:
@@ -143,34 +172,48 @@ class TrainingSteps:
 
         # Gradients for D's parameters only: the critic's input is a leaf that requires grad (for the penalty),
         # and without `inputs` the backward would also compute its unused gradient through the first layer.
-        self.accelerator.backward(loss, inputs=self.critic_parameters)
-        return StepResult(stats, self._update(self.opt_d, self.nets.critic_core, measure, "grad_norm/D", stats))
+        with record_function("critic_backward"):
+            self.accelerator.backward(loss, inputs=self.critic_parameters)
+        with record_function("critic_update"):
+            skipped = self._update(self.opt_d, self.nets.critic_core, measure, "grad_norm/D", stats)
+        return StepResult(stats, skipped)
 
     def generator_step(self, iteration: int, measure: bool = False) -> StepResult:
         """One generator update on fresh z of global batch `iteration`; D is frozen and never all-reduced."""
         critic = self.nets.critic_core
         critic.requires_grad_(False)
         try:
-            fake = self.nets.generator(self.latents("generator_z", iteration))
-            loss = losses.generator_loss(critic(fake.contiguous(memory_format=self.memory_format)))
-            self.accelerator.backward(loss)
+            with record_function("generator_forward"):
+                fake = self.nets.generator(self.latents("generator_z", iteration))
+                loss = losses.generator_loss(critic(fake.contiguous(memory_format=self.memory_format)))
+            with record_function("generator_backward"):
+                self.accelerator.backward(loss)
         finally:
             critic.requires_grad_(True)
         stats = {"loss/generator": loss.detach()}
-        return StepResult(stats, self._update(self.opt_g, self.nets.generator_core, measure, "grad_norm/G", stats))
+        with record_function("generator_update"):
+            skipped = self._update(self.opt_g, self.nets.generator_core, measure, "grad_norm/G", stats)
+        return StepResult(stats, skipped)
 
     # ---------------------------------------------------------------------------------------------------------
 
     def _update(self, optimizer, module: nn.Module, measure: bool, prefix: str, stats: dict) -> torch.Tensor:
-        """Step unless the gradients are non-finite; returns whether the step was skipped (a device bool).
+        """Step unless the gradients hold a non-finite entry; returns whether the step was skipped (a device bool).
 
-        The decision reads the gradients AFTER DDP's all-reduce, which are bitwise identical on every rank, so
-        every rank skips together without another collective. Without a loss scaler the flag is handed to fused
-        Adam as `found_inf`, which then leaves weights, moments and step count untouched on the device: no host
-        synchronisation. With fp16, Accelerate's shared GradScaler makes the same decision.
+        One mechanism for every precision. The flag is read from the gradients AFTER DDP's all-reduce, which are
+        bitwise identical on every rank, so every rank skips together without another collective, and it never
+        reaches the host. Without a loss scaler it goes to fused Adam as `found_inf`, which then leaves weights,
+        moments and step count untouched on the device. With fp16, Accelerate's shared GradScaler finds the same
+        entries (its check is also element-wise), skips the same step inside fused Adam and lowers its scale; the
+        flag here is what counts the skip (`AcceleratedOptimizer.step_was_skipped` cannot see a skip made inside
+        a fused optimizer).
         """
-        if self.accelerator.scaler is None:
-            skipped = ~torch.isfinite(grad_norm(module.parameters()))
+        skipped = gradients_not_finite(module.parameters())
+        scale = self.loss_scale()
+        if measure:  # before the step, which may change the scale; logged unscaled
+            norms = block_grad_norms(module, prefix)
+            stats.update(norms if scale is None else {k: v / scale for k, v in norms.items()})
+        if scale is None:
             inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
             if inner.defaults.get("fused"):
                 inner.found_inf = skipped.float()
@@ -182,8 +225,5 @@ class TrainingSteps:
                 optimizer.step()
         else:
             optimizer.step()
-            skipped = torch.tensor(self.accelerator.optimizer_step_was_skipped, device=self.device)
-        if measure:
-            stats.update(block_grad_norms(module, prefix))
         optimizer.zero_grad(set_to_none=True)
         return skipped
