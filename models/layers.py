@@ -28,14 +28,41 @@ def generator_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown generator norm {kind!r}")
 
 
+class LayerNorm2d(nn.GroupNorm):
+    """LayerNorm over (C, H, W) per sample with a per-channel affine: GroupNorm with one group.
+
+    On CUDA, `native_group_norm` works on NCHW only, so a channels_last input would be converted to NCHW and back
+    around every norm, in the forward, the backward and the penalty's double backward. For such inputs the same
+    normalisation is computed from reductions and element-wise ops in fp32 (GroupNorm's autocast precision),
+    which keep the input's layout and have double backwards of their own. Same parameters, same state_dict.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__(1, channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return layout_preserving_layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def layout_preserving_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(x - mean) / sqrt(var + eps) * weight_c + bias_c, mean and biased var over (C, H, W) per sample, in fp32."""
+    x = x.float()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    centred = x - mean
+    var = centred.pow(2).mean(dim=(1, 2, 3), keepdim=True)
+    return centred * torch.rsqrt(var + eps) * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1)
+
+
 def critic_norm(kind: str, channels: int) -> nn.Module:
-    """D's normalisation: LayerNorm over (C, H, W) with a per-channel affine (GroupNorm with one group).
+    """D's normalisation: LayerNorm over (C, H, W) with a per-channel affine (LayerNorm2d).
 
     Never BatchNorm: it couples the samples of a batch, so the per-sample input gradient of the penalty would
     depend on the other samples, and a concatenated [real; fake] forward would differ from separate forwards.
     """
     if kind == "layer":
-        return nn.GroupNorm(1, channels)
+        return LayerNorm2d(channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown critic norm {kind!r}")
