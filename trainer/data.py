@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import multiprocessing
 import signal
 import weakref
 import zipfile
@@ -319,10 +320,18 @@ _OPEN: weakref.WeakSet[RealBatches] = weakref.WeakSet()  # whose DataLoader work
 
 
 @atexit.register  # registered after multiprocessing's own exit handler (imported with torch), so it runs first
-def _close_all() -> None:
-    """At exit, end every DataLoader's workers ourselves: multiprocessing would SIGTERM them (ignored) and wait."""
+def _end_workers_at_exit() -> None:
+    """End the DataLoader workers ourselves at exit.
+
+    multiprocessing's exit handler ends daemonic children with SIGTERM, which our workers ignore, and then waits
+    for them: forever, if a DataLoader was never shut down (e.g. one kept alive by an exception's traceback).
+    Here they get their shutdown sentinels first, then SIGKILL for any daemonic child still running.
+    """
     for batches in list(_OPEN):
         batches.close()
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
