@@ -252,6 +252,27 @@ def test_a_crash_during_a_same_iteration_swap_loses_neither_copy(tmp_path, point
     assert bool(notes) == (point == "between-renames"), notes
 
 
+PRUNE_TWICE = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from tests.test_checkpoint import tiny_contents
+from trainer import checkpoint as ckpt
+ckpt.write_checkpoint({run!r}, 1, tiny_contents(1.0), keep=1)
+os.environ[ckpt.CRASH_ENV] = "pruning"
+ckpt.write_checkpoint({run!r}, 2, tiny_contents(2.0), keep=1)
+"""
+
+
+def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path):
+    done = subprocess.run([sys.executable, "-c", PRUNE_TWICE.format(repo=str(REPO), run=str(tmp_path))], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 137, done.stderr  # died while iter-0000001 was being deleted
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter-0000002"]
+    ckpt.verify_checkpoint(tmp_path / "checkpoints" / "iter-0000002")
+    assert ckpt.recover_interrupted_writes(tmp_path) == []
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter-0000002"]
+
+
 def test_recovery_removes_an_incomplete_staging_directory_and_keeps_the_checkpoint(tmp_path):
     good = ckpt.write_checkpoint(tmp_path, 3, tiny_contents(1.0), keep=3)
     broken = tmp_path / "checkpoints" / ".tmp-iter-0000003-0123abcd"

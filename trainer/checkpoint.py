@@ -188,8 +188,20 @@ def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents
     # iterations are the newest; the one just written is never removed.
     for old in list_checkpoints(run_dir)[keep:]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves a half-deleted `iter-N` behind: it is renamed to a
+    hidden `.pruned-*` name first (one atomic step), which listing ignores and the next start removes."""
+    doomed = checkpoint.with_name(f".pruned-{checkpoint.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        checkpoint.rename(doomed)
+    except OSError:
+        return
+    _crash_point("pruning")
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def recover_interrupted_writes(run_dir: Path) -> list[str]:
@@ -198,13 +210,13 @@ def recover_interrupted_writes(run_dir: Path) -> list[str]:
     A complete staging directory (`.tmp-iter-N-*`, verified) whose checkpoint is missing is the newest state of
     iteration N: a crash came after it was written, before or between the renames; it is renamed into place.
     Failing that, the previous copy of a same-iteration swap (`.trash-iter-N-*`) is put back. Everything else
-    (incomplete staging, copies no longer needed) is removed.
+    (incomplete staging, copies no longer needed, checkpoints whose pruning was interrupted) is removed.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
     notes = []
-    leftovers = sorted(p for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-")))
+    leftovers = sorted(p for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-", ".pruned-")))
     for path in sorted(leftovers, key=lambda p: not p.name.startswith(".tmp-")):  # newer states first
         match = STAGING_PATTERN.match(path.name)
         final = root / match.group(2) if match else None
