@@ -272,6 +272,10 @@ def test_sample_takes_a_run_directory_and_writes_in_batches(trained_run, tmp_pat
     np.testing.assert_array_equal(
         np.asarray(Image.open(grid)), sample_grid(expected_images(trained_run, 10, 3))[..., 0]
     )
+    # A trailing slash means a folder, even when the name has a dot in it.
+    dotted = tmp_path / "samples.v2"
+    assert sample.main(["--checkpoint", str(trained_run), "--n", "3", "--out", f"{dotted}/"]) == 0
+    assert sorted(p.name for p in dotted.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     # Batches of any size give the images of one batch: z is drawn for all n at once.
     from trainer.checkpoint import load_generator
 

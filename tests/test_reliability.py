@@ -20,6 +20,7 @@ from PIL import Image
 from tests.support import REPO, TINY, child_env, free_port, launch_direct, run_trainer, tiny_config, wait_all
 from tests.test_checkpoint import tiny_contents
 from trainer import checkpoint as ckpt
+from trainer.errors import UserError
 
 # Two processes reading a folder of PNGs through DataLoader workers: the path FFHQ-as-a-folder users take.
 FOLDER_RUN = ["data.workers=2", "train.iterations=100000", "checkpoint.every=100000"]
@@ -227,6 +228,7 @@ import sys
 sys.path.insert(0, {repo!r})
 from tests.test_checkpoint import tiny_contents
 from trainer import checkpoint as ckpt
+from trainer.errors import UserError
 ckpt.write_checkpoint({run!r}, 7, tiny_contents(1.0), keep=3)
 import os
 os.environ[ckpt.CRASH_ENV] = {point!r}
@@ -257,6 +259,7 @@ import os, sys
 sys.path.insert(0, {repo!r})
 from tests.test_checkpoint import tiny_contents
 from trainer import checkpoint as ckpt
+from trainer.errors import UserError
 ckpt.write_checkpoint({run!r}, 1, tiny_contents(1.0), keep=1)
 os.environ[ckpt.CRASH_ENV] = "pruning"
 ckpt.write_checkpoint({run!r}, 2, tiny_contents(2.0), keep=1)
@@ -308,3 +311,95 @@ def test_a_process_whose_data_workers_were_never_shut_down_still_exits(tmp_path)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0 and "leaving" in done.stdout, done.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Found by review: evaluation workers, a refused start next to a live run, only damaged checkpoints, an Inception
+# file that does not load, a signal while the run is being built.
+
+
+def test_evaluation_data_workers_survive_a_stop_signal_too(tmp_path, png_folder):
+    """The real statistics of a folder are read by DataLoader workers as well; a group SIGTERM must not kill them."""
+    import multiprocessing
+
+    from trainer.data import open_source
+    from trainer.metrics import real_batches, real_order
+
+    from trainer.loop import StopSignals
+
+    signals = StopSignals()  # as in training: the stop handlers are installed before any worker starts
+    signals.install()
+    try:
+        source = open_source(str(png_folder), 16, 1)
+        batches = real_batches(source, real_order(len(source), 64), slice(0, 64), 8, 2, "cpu")
+        first = next(batches)
+        workers = [p for p in multiprocessing.active_children() if p.daemon]
+        assert workers
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        rest = list(batches)  # the old code: "DataLoader worker ... is killed by signal: Terminated"
+    finally:
+        signals.restore()
+    assert first[1].shape == (8, 1, 16, 16) and len(rest) == 7 and not signals.requested
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_refused_start_and_a_resume_leave_a_live_writers_staging_alone(tmp_path):
+    import socket
+
+    train_in_process(tmp_path, None, "train.iterations=1")
+    root = tmp_path / "checkpoints"
+    live = root / f".tmp-iter-0000002-{socket.gethostname()}-{os.getpid()}-0123abcd"  # this process: alive
+    dead = root / ".tmp-iter-0000003-somehost-999999-89abcdef"  # another host's, or a dead writer's
+    for staging in (live, dead):
+        staging.mkdir()
+        (staging / "critic.safetensors").write_bytes(b"in progress")
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train_in_process(tmp_path, None, "train.iterations=2")
+    assert live.exists() and dead.exists()  # a refused start changes nothing
+    train_in_process(tmp_path, "auto", "train.iterations=1")
+    assert live.exists() and not dead.exists()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_resume_auto_with_only_damaged_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    train_in_process(tmp_path, None, "train.iterations=2", "checkpoint.every=1", "checkpoint.keep=1")
+    damaged = tmp_path / "checkpoints" / "iter-0000002" / "critic.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-5])
+    with pytest.raises(UserError, match="none is complete") as error:
+        train_in_process(tmp_path, "auto", "train.iterations=3")
+    assert "iter-0000002" in str(error.value) and "--resume PATH" in str(error.value)
+    assert names(tmp_path) == ["iter-0000002"]  # nothing moved, nothing trained
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_an_inception_file_that_does_not_load_stops_the_run_before_training(tmp_path):
+    fake = tmp_path / "inception.pt"
+    fake.write_text("not a model")
+    with pytest.raises(UserError, match="Cannot load the Inception network"):
+        train_in_process(tmp_path / "run", None, "eval.every=2", "eval.metrics=[fid]", f"eval.inception={fake}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+SIGNAL_WHILE_BUILDING = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from trainer import loop
+from trainer.run import main
+build_models = loop.Trainer.build_models
+def build_models_then_signal(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler might, while the run is still being built
+    return build_models(self)
+loop.Trainer.build_models = build_models_then_signal
+sys.exit(main({args!r}))
+"""
+
+
+def test_a_signal_while_the_run_is_being_built_stops_it_after_one_iteration_with_a_checkpoint(tmp_path):
+    args = ["--config", str(REPO / "configs/demo.yaml"), *TINY, f"run.dir={tmp_path}", "train.iterations=50"]
+    done = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_BUILDING.format(repo=str(REPO), args=args)], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # the old code: killed by SIGTERM (-15)
+    assert "SIGTERM received: checkpoint written at iteration 1" in done.stderr
+    assert ckpt.newest_valid_checkpoint(tmp_path).name == "iter-0000001"

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -41,7 +42,8 @@ from trainer.errors import UserError
 FORMAT = "wgan-div-trainer/1"
 CHECKPOINT_DIR = "checkpoints"
 NAME_PATTERN = re.compile(r"^iter-(\d{7,})$")
-STAGING_PATTERN = re.compile(r"^\.(tmp|trash)-(iter-\d{7,})-[0-9a-f]+$")
+# .tmp-iter-N-HOST-PID-HEX (a write), .trash-... (the previous copy in a swap), .pruned-... (a deletion)
+STAGING_PATTERN = re.compile(r"^\.(tmp|trash|pruned)-(iter-\d{7,})(?:-(.+)-(\d+))?-[0-9a-f]{8}$")
 # Tests and the fault soak: "NAME" makes a checkpoint write end the process abruptly at that point (see _crash_point).
 CRASH_ENV = "WGAN_DIV_CRASH_AT"
 # The keys that fix the shapes of the networks: they must match the checkpoint being resumed.
@@ -111,6 +113,29 @@ def _write_synced(path: Path, data: bytes) -> dict:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _staging_name(kind: str, name: str) -> str:
+    """A hidden name for a directory in the middle of being written, swapped or deleted, naming its writer."""
+    return f".{kind}-{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _writer_alive(match: re.Match) -> bool:
+    """Whether the process that named a staging directory is still running (only knowable on its own host)."""
+    host, pid = match.group(3), match.group(4)
+    if host != socket.gethostname() or pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
+
+
 def _crash_point(name: str) -> None:
     """End the process like a power cut or `kill -9` here if CRASH_ENV names this point (tests only)."""
     if os.environ.get(CRASH_ENV) == name:
@@ -144,7 +169,7 @@ def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / checkpoint_name(iteration)
-    staging = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    staging = root / _staging_name("tmp", final.name)
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
@@ -169,7 +194,7 @@ def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents
         _fsync_dir(staging)
         _crash_point("staging-complete")
         if final.exists():  # the same iteration again: swap it out (recover_interrupted_writes mends a crash here)
-            trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
+            trash = root / _staging_name("trash", final.name)
             final.rename(trash)
             _crash_point("between-renames")
             staging.rename(final)
@@ -195,7 +220,7 @@ def write_checkpoint(run_dir: Path, iteration: int, contents: CheckpointContents
 def _remove(checkpoint: Path) -> None:
     """Delete a checkpoint so that a crash midway never leaves a half-deleted `iter-N` behind: it is renamed to a
     hidden `.pruned-*` name first (one atomic step), which listing ignores and the next start removes."""
-    doomed = checkpoint.with_name(f".pruned-{checkpoint.name}-{uuid.uuid4().hex[:8]}")
+    doomed = checkpoint.with_name(_staging_name("pruned", checkpoint.name))
     try:
         checkpoint.rename(doomed)
     except OSError:
@@ -210,7 +235,8 @@ def recover_interrupted_writes(run_dir: Path) -> list[str]:
     A complete staging directory (`.tmp-iter-N-*`, verified) whose checkpoint is missing is the newest state of
     iteration N: a crash came after it was written, before or between the renames; it is renamed into place.
     Failing that, the previous copy of a same-iteration swap (`.trash-iter-N-*`) is put back. Everything else
-    (incomplete staging, copies no longer needed, checkpoints whose pruning was interrupted) is removed.
+    (incomplete staging, copies no longer needed, checkpoints whose pruning was interrupted) is removed. A
+    directory whose writer is still running on this host (another run in the same run.dir) is left alone.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
@@ -219,7 +245,9 @@ def recover_interrupted_writes(run_dir: Path) -> list[str]:
     leftovers = sorted(p for p in root.iterdir() if p.name.startswith((".tmp-", ".trash-", ".pruned-")))
     for path in sorted(leftovers, key=lambda p: not p.name.startswith(".tmp-")):  # newer states first
         match = STAGING_PATTERN.match(path.name)
-        final = root / match.group(2) if match else None
+        if match and _writer_alive(match):
+            continue
+        final = root / match.group(2) if match and match.group(1) != "pruned" else None
         if final is not None and not final.exists():
             with contextlib.suppress(CheckpointError, OSError):
                 verify_checkpoint(path)
@@ -373,7 +401,21 @@ def resolve_resume(run_dir: Path, resume: str | None, warn: bool = True) -> Path
             )
         return None
     if resume == "auto":
-        return newest_valid_checkpoint(run_dir, warn)
+        found = newest_valid_checkpoint(run_dir, warn)
+        existing = list_checkpoints(run_dir)
+        if found is None and existing:
+            reasons = []
+            for path in existing[:3]:
+                try:
+                    verify_checkpoint(path)
+                except CheckpointError as error:
+                    reasons.append(str(error))
+            raise CheckpointError(
+                f"--resume auto: run.dir = '{run_dir}' holds checkpoints, but none is complete ({' '.join(reasons)}). "
+                f"Not starting over silently: pass --resume PATH with a checkpoint you trust (set-aside ones such "
+                f"as abandoned-iter-N qualify), or move {Path(run_dir) / CHECKPOINT_DIR} away for a fresh start."
+            )
+        return found
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(
@@ -482,19 +524,24 @@ def restore(
 ) -> Resume:
     """Resume a run, in one place: find and verify the checkpoint, check that it fits, agree across ranks, load.
 
-    `resume` is None (a fresh start; an error if run_dir holds checkpoints), "auto" (the newest valid checkpoint
-    in run_dir, or a fresh start) or a checkpoint path. Every rank finds and reads the checkpoint itself (no file
-    system is assumed shared), checks the architecture keys of `config` and every tensor shape against
-    `modules`; a problem on any rank stops every rank with one message. The ranks then compare what they found
-    (name and manifest digest), so nodes that see different run directories cannot silently train from
-    different states. The main process moves aside the checkpoints that are not part of the resumed history
-    (see set_aside_other_histories). Then weights (into `modules`, the plain nn.Modules), optimizer states (their
-    hyper-parameters stay those of the optimizers given, i.e. the config's), the loss scaler's state, and the
-    counters (returned) are loaded. Must be called on every rank at the same point; only safetensors and JSON
-    are read.
+    `resume` is None (a fresh start; an error if run_dir holds checkpoints; nothing in run_dir is touched),
+    "auto" (the newest valid checkpoint in run_dir after mending interrupted writes, a fresh start if there is no
+    checkpoint at all, an error if there are only damaged ones) or a checkpoint path. Every rank finds and reads
+    the checkpoint itself (no file system is assumed shared), checks the architecture keys of `config` and every
+    tensor shape against `modules`; a problem on any rank stops every rank with one message. The ranks then
+    compare what they found (name and manifest digest), so nodes that see different run directories cannot
+    silently train from different states. The main process moves aside the checkpoints that are not part of the
+    resumed history (see set_aside_other_histories). Then weights (into `modules`, the plain nn.Modules),
+    optimizer states (their hyper-parameters stay those of the optimizers given, i.e. the config's), the loss
+    scaler's state, and the counters (returned) are loaded. Must be called on every rank at the same point; only
+    safetensors and JSON are read.
     """
     from trainer.distributed import gather_text, one_outcome
 
+    recovered = []
+    with one_outcome(processes):  # first, so that every rank then sees the mended directory
+        if processes.is_main_process and resume is not None:
+            recovered = recover_interrupted_writes(run_dir)
     path, contents, changes = None, None, {}
     with one_outcome(processes):
         path = resolve_resume(run_dir, resume, warn=False)
@@ -513,9 +560,9 @@ def restore(
             f"checkpoint present on every node.",
             agreed=True,
         )
-    result = Resume(path=path, config_changes=changes)
+    result = Resume(path=path, config_changes=changes, notes=recovered)
     if processes.is_main_process and resume is not None:
-        result.notes = set_aside_other_histories(run_dir, path)
+        result.notes += set_aside_other_histories(run_dir, path)
     if contents is None:
         return result
     for name, module in modules.items():

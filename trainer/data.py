@@ -334,7 +334,7 @@ def _end_workers_at_exit() -> None:
             process.kill()
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave the stop signals to the main process.
 
     A preemption signal reaches the whole process group (SLURM, scancel, Ctrl-C). A worker that died of it would
@@ -385,7 +385,7 @@ class RealBatches:
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
-                worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+                worker_init_fn=ignore_stop_signals if workers > 0 else None,
             )
 
     def next(self, step: int) -> torch.Tensor:

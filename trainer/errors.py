@@ -19,6 +19,7 @@ import signal
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 USER_ERROR_EXIT_CODE = 2
@@ -57,6 +58,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message}. Usage: {self.usage_line}.")
+
+
+def plain_warnings() -> None:
+    """Show warnings as one line, `warning: MESSAGE`, not Python's file, line number and source line: the CLIs'
+    output is for their users."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
 def format_paragraph(message: str, width: int = 100) -> str:
@@ -182,3 +189,7 @@ def _end_launcher_quietly(wait_s: float = 10.0) -> None:
         time.sleep(0.05)
     with contextlib.suppress(OSError):
         os.kill(parent, signal.SIGKILL if kind == "torchrun" else signal.SIGTERM)
+    # Leave at once, before the shell (which now has its prompt back) sees more output from an orphan.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(USER_ERROR_EXIT_CODE)

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, report_user_error
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, plain_warnings, report_user_error
 
 USAGE = "python -m trainer.evaluate --checkpoint DIR [--metrics fid,swd] [--num-images N] [--ema/--no-ema]"
 
@@ -96,6 +96,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_warnings()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         result = evaluate_checkpoint(args)

@@ -72,8 +72,9 @@ class StopSignals:
         self.previous = {}
 
     def install(self) -> None:
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if not self.previous:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -164,8 +165,9 @@ class SpeedMeter:
 class Trainer:
     """Builds everything a run needs from its config, then trains."""
 
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, signals: StopSignals | None = None):
         self.cfg, self.run_dir = cfg, Path(cfg.run.dir)
+        self.signals = signals or StopSignals()  # installed by train(), or earlier by the caller
         self.streams = Streams(cfg.run.seed)
         # Only the main process (global rank 0) ever touches W&B.
         use_wandb = cfg.log.wandb.mode != "disabled" and process_rank() == 0
@@ -174,7 +176,7 @@ class Trainer:
         with one_outcome(acc):  # a mistake found by any rank stops every rank, reported once
             self.source = self.build_source()
             generator, critic = self.build_models()
-            self.recovered = self.prepare_run_dir()
+            self.prepare_run_dir()
         self.warn_about_batch_statistics()
         generator, critic, generator_ema = self.set_layout(generator, critic)
         opt_g, opt_d = self.build_optimizers(generator, critic)
@@ -210,7 +212,7 @@ class Trainer:
         )
         self.batches = self.build_batches()
         self.sample_z = self.streams.normal("sample_z", 0, (cfg.log.grid_size, cfg.model.z_dim), self.device)
-        self.signals, self.window = StopSignals(), MetricWindow()
+        self.window = MetricWindow()
         self.skips, self.control = SkipCounter(self.state, self.device), ControlChannel(acc)
 
     # --- builders, in the order __init__ calls them -----------------------------------------------------------
@@ -225,36 +227,33 @@ class Trainer:
                 stacklevel=2,
             )
         if cfg.eval.every and "fid" in cfg.eval.metrics:  # fail now, not at the first evaluation hours later
-            from trainer.metrics import resolve_inception_path
+            from trainer.metrics import load_inception
 
-            resolve_inception_path(cfg.eval.inception)
+            load_inception(cfg.eval.inception, self.device)  # loaded once per process, kept for the evaluations
         return source
 
     def build_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         torch.manual_seed(stream_seed(self.cfg.run.seed, "init"))
         return models_from_config(self.cfg)
 
-    def prepare_run_dir(self) -> list[str]:
-        """The main process creates run.dir, checks that it can write there, mends interrupted checkpoint writes.
+    def prepare_run_dir(self) -> None:
+        """The main process creates run.dir and checks that it can write there (a UserError naming it otherwise).
 
-        Returns notes on what was recovered. An unwritable run.dir is a UserError naming it. (config.yaml is
-        written when training starts, once the resume checks have passed: a refused start changes nothing.)
+        Nothing else is touched before the resume checks have passed: a refused start changes nothing.
         """
         if not self.accelerator.is_main_process:
-            return []
+            return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
-            notes = ckpt.recover_interrupted_writes(self.run_dir)
         except OSError as error:
             raise UserError(
                 f"run.dir = '{self.run_dir}' cannot be written to ({error.strerror or error}: "
                 f"{error.filename or self.run_dir}). Set run.dir to a directory this user can create and write, "
                 f"e.g. run.dir=runs/my-run."
             ) from None
-        return notes
 
     def warn_about_batch_statistics(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -444,7 +443,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
         tracker = Tracker(acc, cfg, self.run_dir, state.wandb_run_id, state.iteration)
         state.wandb_run_id = tracker.run_id
-        for message in self.recovered + self.resumed.notes:
+        for message in self.resumed.notes:
             tracker.note(message)
         if self.resumed.path is not None:
             tracker.note(f"resumed from {self.resumed.path} at iteration {state.iteration}")
@@ -542,4 +541,11 @@ class Trainer:
 
 
 def train(cfg: Config, resume: str | None = None) -> TrainingState:
-    return Trainer(cfg, resume).train()
+    """Build, then train. The stop signals are handled from the start: one that arrives while the run is being
+    built (a slow data listing, W&B, a restore) stops it after its first iteration, with a checkpoint."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        return Trainer(cfg, resume, signals).train()
+    finally:
+        signals.restore()

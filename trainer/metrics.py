@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.data import ArraySource, FileSource, open_source, to_uint8
+from trainer.data import ArraySource, FileSource, ignore_stop_signals, open_source, to_uint8
 from trainer.distributed import agree
 from trainer.errors import DataError, UserError
 from trainer.randomness import Streams
@@ -501,8 +501,13 @@ def real_batches(source, order: torch.Tensor, rows: slice, batch_size: int, work
         for start, indices in zip(starts, chunks):
             yield start, source.images[indices.to(source.images.device)].to(device)
         return
+    workers = min(workers, len(chunks))
     loader = torch.utils.data.DataLoader(
-        source, sampler=[c.tolist() for c in chunks], batch_size=None, num_workers=min(workers, len(chunks))
+        source,
+        sampler=[c.tolist() for c in chunks],
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=ignore_stop_signals if workers else None,  # a preemption signal is the trainer's to handle
     )
     try:
         for start, images in zip(starts, loader):

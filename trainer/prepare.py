@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from trainer.config import DataConfig
 from trainer.data import IMAGE_EXTENSIONS, FileSource, list_image_files
-from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, DataError, UserError, report_user_error
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, DataError, UserError, plain_warnings, report_user_error
 
 USAGE = "python -m trainer.prepare SRC OUT.npy --resolution R [--channels 1|3] [--limit N] [--workers W] [--overwrite]"
 
@@ -381,6 +381,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_warnings()
     try:
         with stop_signals_raise():
             args = parse_args(sys.argv[1:] if argv is None else argv)

@@ -22,6 +22,7 @@ from trainer.errors import (
     ArgumentParser,
     PeerFailure,
     UserError,
+    plain_warnings,
     process_rank,
     report_user_error,
     stop_when_the_launcher_dies,
@@ -46,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_warnings()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         stop_when_the_launcher_dies()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainer.checkpoint import load_generator
-from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, report_user_error
+from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, plain_warnings, report_user_error
 from trainer.evaluate import pick_device, resolve_checkpoint
 
 USAGE = "python -m trainer.sample --checkpoint DIR [--n N] [--seed S] [--raw] [--device auto|cpu|cuda] --out PATH"
@@ -56,9 +56,13 @@ def uint8_grid(images: torch.Tensor) -> np.ndarray:
     return array[..., :1] if images.shape[1] == 1 else array
 
 
-def output_form(out: Path) -> str:
-    """What --out asks for: "grid" (one PNG file) or "folder" (one PNG per image); a UserError for anything else."""
-    if out.is_dir():
+def output_form(text: str) -> str:
+    """What --out asks for: "grid" (one PNG file) or "folder" (one PNG per image); a UserError for anything else.
+
+    A trailing slash always means a folder (`--out samples.v2/`).
+    """
+    out = Path(text).expanduser()
+    if out.is_dir() or text.endswith("/"):
         return "folder"
     if out.suffix.lower() == ".png":
         if out.exists() and not out.is_file():
@@ -104,19 +108,20 @@ def write_samples(batches: Iterator[torch.Tensor], out: Path, form: str) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_warnings()
     parser = ArgumentParser(prog="python -m trainer.sample", description=__doc__, usage_line=USAGE)
     parser.add_argument("--checkpoint", required=True, help="A checkpoint directory (iter-NNNNNNN) or run directory.")
     parser.add_argument("--n", type=int, default=64, help="Number of images.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of z.")
-    parser.add_argument("--out", required=True, type=Path, help="A .png file (one grid) or a directory (one PNG each).")
+    parser.add_argument("--out", required=True, help="A .png file (one grid) or a directory (one PNG each).")
     parser.add_argument("--raw", action="store_true", help="Use G instead of the EMA generator.")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where to run.")
     try:
         args = parser.parse_args(argv)
         if args.n < 1:
             raise UserError(f"--n {args.n}: the number of images must be at least 1.")
-        out = args.out.expanduser()
-        form = output_form(out)
+        out = Path(args.out).expanduser()
+        form = output_form(args.out)
         path = resolve_checkpoint(args.checkpoint)
         device = pick_device(args.device)
         generator, cfg = load_generator(path, ema=not args.raw, device=device)
