@@ -323,9 +323,8 @@ def test_evaluation_data_workers_survive_a_stop_signal_too(tmp_path, png_folder)
     import multiprocessing
 
     from trainer.data import open_source
-    from trainer.metrics import real_batches, real_order
-
     from trainer.loop import StopSignals
+    from trainer.metrics import real_batches, real_order
 
     signals = StopSignals()  # as in training: the stop handlers are installed before any worker starts
     signals.install()
