@@ -31,6 +31,14 @@ TINY = [
     "log.wandb.mode=disabled",
 ]
 
+# Every transform, each applied with probability 1/2 (the critic step augments real and fake with draws for the
+# global batch; the penalty points are built from the augmented images).
+AUGMENTED = ["augment.policy=[color,translation,cutout,xflip,rotate90,int_translation]", "augment.p=0.5"]
+# Every transform with the adaptive probability: p moves every iteration (a tiny target, a fast controller) on a
+# signal agreed across ranks, and must be saved and restored exactly.
+ADAPTIVE = [AUGMENTED[0], "augment.target=0.000001", "augment.interval=1", "augment.speed_kimg=0.01",
+            "augment.heldout=64"]  # fmt: skip
+
 
 def tiny_config(run_dir: Path, *overrides: str):
     from trainer.config import load_config

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support import REPO, RUN, TINY, child_env, launch_command, run_trainer
+from tests.support import ADAPTIVE, REPO, RUN, TINY, child_env, launch_command, run_trainer
 from trainer import checkpoint as ckpt
 
 FILES = ("generator", "generator_ema", "critic", "optimizer_generator", "optimizer_critic")
@@ -165,10 +165,12 @@ def test_a_failed_write_keeps_earlier_checkpoints_and_says_why(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_is_exact(tmp_path, nproc):
-    """4 iterations straight == 2 iterations, stop, resume to 4: bit-identical (n_critic 2, mid-epoch)."""
+@pytest.mark.parametrize("nproc, augmentation", [(1, "plain"), (2, "plain"), (2, "adaptive")])
+def test_resume_is_exact(tmp_path, nproc, augmentation):
+    """4 iterations straight == 2 iterations, stop, resume to 4: bit-identical (n_critic 2, mid-epoch); with
+    every augmentation and the adaptive probability (moved every iteration) as well."""
     common = ("checkpoint.every=2", "checkpoint.keep=5", "train.n_critic=2", "data.hflip=true")
+    common += tuple(ADAPTIVE) if augmentation == "adaptive" else ()
     assert run_trainer(tmp_path / "straight", "train.iterations=4", *common, nproc=nproc).returncode == 0
     assert run_trainer(tmp_path / "resumed", "train.iterations=2", *common, nproc=nproc).returncode == 0
     done = run_trainer(tmp_path / "resumed", "train.iterations=4", *common, nproc=nproc, resume="auto")

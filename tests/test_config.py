@@ -231,6 +231,22 @@ def test_duplicate_metric_is_rejected(cfg_file):
     assert "eval.metrics" in msg and "twice" in msg
 
 
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["augment.policy=[colour]"], ["augment.policy", "'colour'", "not allowed", "translation, cutout"]),
+        (["augment.policy=[cutout,cutout]"], ["augment.policy", "twice"]),
+        (["augment.target=0.6"], ["augment.target = 0.6", "augment.policy is empty", "augment.policy=["]),
+        (["augment.policy=[cutout]", "augment.target=0.6", "augment.p=0.5"], ["augment.p = 0.5", "set one of them"]),
+        (["augment.p=1.5"], ["augment.p", "<= 1"]),
+    ],
+)
+def test_augmentation_mistakes_are_named(cfg_file, overrides, words):
+    msg = error_of(cfg_file, overrides)
+    assert all(word in msg for word in words), msg
+    assert "command-line override" in msg
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Unreadable or malformed config files.
 

@@ -84,11 +84,14 @@ def test_fp16_training_changes_the_weights_and_counts_every_skip(tmp_path):
     assert state.skipped_steps < 18
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
-def test_iterations_never_synchronise_with_the_host(tmp_path, precision):
-    """The real loop body (GPU-resident data, penalised and unpenalised critic steps, G step, EMA, control)."""
+@pytest.mark.parametrize("precision, augmentation", [("no", False), ("bf16", False), ("fp16", False), ("bf16", True)])
+def test_iterations_never_synchronise_with_the_host(tmp_path, precision, augmentation):
+    """The real loop body (GPU-resident data, penalised and unpenalised critic steps, G step, EMA, control), and
+    with every augmentation and the adaptive p (adjusted every iteration) as well."""
+    extra = ["augment.policy=[color,translation,cutout,xflip,rotate90,int_translation]", "augment.target=0.5",
+             "augment.interval=1", "augment.heldout=8"] if augmentation else []  # fmt: skip
     trainer = trainer_for(tmp_path, f"train.mixed_precision={precision}", "data.on_device=yes", "loss.every=2",
-                          "train.n_critic=3", "data.hflip=true", "loss.r=mixed-interp")  # fmt: skip
+                          "train.n_critic=3", "data.hflip=true", "loss.r=mixed-interp", *extra)  # fmt: skip
     trainer.train_iteration(measure=True)  # warm-up: lazy initialisation may synchronise once
     trainer.apply_control(trainer.control.read())
     for iteration in range(3):

@@ -27,6 +27,7 @@ from trainer.data import (
     load_image,
     open_source,
     shard,
+    split_source,
     to_uint8,
 )
 from trainer.errors import DataError
@@ -442,6 +443,35 @@ def test_real_batches_resumed_at_a_position_equal_continuing(kind, rank, world_s
     for step in range(3, 6):
         assert torch.equal(resumed.next(step), expected[step]), step
     assert resumed.position == continuous.position
+
+
+@pytest.mark.parametrize("kind", ["array", "files"])
+def test_limit_and_heldout_are_disjoint_fixed_subsets(kind, request):
+    source = small_array_source() if kind == "array" else request.getfixturevalue("file_source")
+    everything = source.take(torch.arange(10))
+    train, held = split_source(source, limit=4, heldout=3)
+    assert len(train) == 4 and held.shape == (3, 3, 4, 4)
+    train_images = train.take(torch.arange(4))
+    rows = {bytes(x.numpy()) for x in everything}
+    picked = [bytes(x.numpy()) for x in train_images] + [bytes(x.numpy()) for x in held]
+    assert len(set(picked)) == 7 and set(picked) <= rows  # disjoint images of the source
+    again, held_again = split_source(source, limit=4, heldout=3)  # fixed: no seed involved
+    assert torch.equal(again.take(torch.arange(4)), train_images) and torch.equal(held_again, held)
+    more, _ = split_source(source, limit=6, heldout=3)  # a larger limit extends the same subset
+    assert {bytes(x.numpy()) for x in train_images} <= {bytes(x.numpy()) for x in more.take(torch.arange(6))}
+    # batches of the subset only ever hold its images
+    batches = RealBatches(train, Streams(0), 4, 0, 1, CPU)
+    seen = {bytes(to_uint8(batches.next(s)).numpy()[i]) for s in range(3) for i in range(4)}
+    assert seen <= {bytes(x.numpy()) for x in train_images}
+    assert split_source(source) == (source, None)
+
+
+def test_heldout_larger_than_the_source_and_a_large_limit_are_explained():
+    with pytest.raises(DataError, match=r"holds 10 images, but augment.heldout = 10"):
+        split_source(small_array_source(), heldout=10)
+    with pytest.warns(UserWarning, match="data.limit = 50 is more than the 10 images"):
+        train, _ = split_source(small_array_source(), limit=50)
+    assert len(train) == 10
 
 
 def test_bundled_mnist_loads_5000_images_at_the_requested_resolution():

@@ -14,7 +14,18 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.support import REPO, RUN, TINY, checkpoint_weights, child_env, free_port, launch_command, run_trainer
+from tests.support import (
+    ADAPTIVE,
+    AUGMENTED,
+    REPO,
+    RUN,
+    TINY,
+    checkpoint_weights,
+    child_env,
+    free_port,
+    launch_command,
+    run_trainer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +36,12 @@ PROBE_OVERRIDES = ["model.d_norm=none", "loss.p=2", "loss.k=20"]
 SITES = ("real-fake-interp", "within-interp", "mixed-interp", "real-and-fake", "fake", "real")
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
+@pytest.fixture(scope="module", params=["plain", "augmented"])
+def probe(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("probe")
+    extra = AUGMENTED if request.param == "augmented" else []
     for nproc in (1, 2):
-        command = [*launch_command(PROBE, nproc), str(out), str(out / f"run{nproc}"), *PROBE_OVERRIDES]
+        command = [*launch_command(PROBE, nproc), str(out), str(out / f"run{nproc}"), *PROBE_OVERRIDES, *extra]
         done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
     return out
@@ -83,17 +95,26 @@ def relative_gap(run_1, run_2, name: str, iteration: int) -> float:
     return ((checkpoint_weights(run_2, iteration, name) - final_1).norm() / step).item()
 
 
-def test_two_processes_train_the_same_weights_as_one(tmp_path):
+@pytest.mark.parametrize("augmentation", ["plain", "adaptive"])
+def test_two_processes_train_the_same_weights_as_one(tmp_path, augmentation):
     overrides = ["train.iterations=3", "train.n_critic=2", "checkpoint.every=1", "checkpoint.keep=5"]
+    overrides += ADAPTIVE if augmentation == "adaptive" else []
     for nproc in (1, 2):
         done = run_trainer(tmp_path / f"p{nproc}", *overrides, nproc=nproc)
         assert done.returncode == 0, done.stdout
     for name in ("generator", "critic", "generator_ema"):
         assert relative_gap(tmp_path / "p1", tmp_path / "p2", name, 3) <= 1e-3, name
+    if augmentation == "adaptive":  # the same p on both at every iteration, and one the controller moved
+        p = [[training_state(tmp_path / f"p{n}", i)["counters"]["augment_p"] for i in (1, 2, 3)] for n in (1, 2)]
+        assert p[0] == p[1] and max(p[0]) > 0, p
     # The measure is sensitive: a run that saw a different batch order is far apart.
     done = run_trainer(tmp_path / "other_seed", *overrides, "run.seed=1")
     assert done.returncode == 0, done.stdout
     assert relative_gap(tmp_path / "p1", tmp_path / "other_seed", "critic", 3) > 1
+
+
+def training_state(run_dir, iteration: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"iter-{iteration:07d}" / "training_state.json").read_text())
 
 
 def test_two_launchers_as_two_nodes_train_together(tmp_path):

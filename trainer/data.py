@@ -21,6 +21,7 @@ import atexit
 import io
 import multiprocessing
 import signal
+import warnings
 import weakref
 import zipfile
 import zlib
@@ -109,21 +110,34 @@ def resize_array(images: np.ndarray, resolution: int, channels: int) -> np.ndarr
 
 
 class ArraySource:
-    """Images held as one (N, C, R, R) uint8 array (bundled sets, prepared .npy files)."""
+    """Images held as one (N, C, R, R) uint8 array (bundled sets, prepared .npy files).
 
-    def __init__(self, images: np.ndarray | torch.Tensor, name: str):
+    `index`, if given, selects the images this source holds (a subset: `data.limit`, a held-out split) without
+    copying the array: image i of the source is images[index[i]].
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, name: str, index: torch.Tensor | None = None):
         self.images = torch.as_tensor(images)
         self.name = name
+        self.index = index
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] if self.index is None else self.index.numel()
 
     @property
     def nbytes(self) -> int:
         return self.images.numel()
 
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images number `indices` of this source (a tensor on the images' device)."""
+        return self.images[indices if self.index is None else self.index[indices]]
+
+    def subset(self, indices: torch.Tensor) -> ArraySource:
+        return ArraySource(self.images, self.name, indices if self.index is None else self.index[indices])
+
     def to(self, device: torch.device) -> ArraySource:
         self.images = self.images.to(device)
+        self.index = None if self.index is None else self.index.to(device)
         return self
 
 
@@ -158,6 +172,13 @@ class FileSource(torch.utils.data.Dataset):
 
     def __getitem__(self, indices: list[int]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.read(i) for i in indices]))
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        return self[indices.tolist()]
+
+    def subset(self, indices: torch.Tensor) -> FileSource:
+        return FileSource(self.path, [self.files[i] for i in indices.tolist()], self.resolution, self.channels,
+                          self.is_zip)  # fmt: skip
 
 
 def is_image_name(name: str) -> bool:
@@ -259,6 +280,35 @@ def open_source(source: str, resolution: int, channels: int) -> ArraySource | Fi
     if not files:
         raise DataError(f"data.source = '{source}' contains no images ({', '.join(IMAGE_EXTENSIONS)}). {FFHQ_HINT}")
     return FileSource(path, files, resolution, channels, is_zip)
+
+
+def split_source(source: ArraySource | FileSource, limit: int = 0, heldout: int = 0, spec: str = "data.source"):
+    """(training images, held-out images or None): disjoint subsets of `source` along one fixed permutation.
+
+    The permutation is the same for every run.seed (so a `data.limit` subset is the same data whatever the seed)
+    and is not the source's own order, which may be sorted by class. Held-out images come first, then `limit`
+    training images (0: all the rest). The held-out images are returned as one uint8 tensor (few, read once).
+    """
+    if not limit and not heldout:
+        return source, None
+    if heldout and len(source) <= heldout:
+        raise DataError(
+            f"{spec} holds {len(source)} images, but augment.heldout = {heldout} of them are to be kept out of "
+            f"training to measure the critic's overfitting; lower augment.heldout (or use a fixed augment.p)."
+        )
+    generator = torch.Generator().manual_seed(0x5EED_5B5E7)  # fixed: not run.seed
+    order = torch.randperm(len(source), generator=generator)
+    rest = order[heldout:]
+    if limit:
+        rest = rest[:limit]
+    train = source.subset(rest.sort().values)  # in the source's order: a folder is read in its own order
+    if limit > rest.numel():
+        warnings.warn(
+            f"data.limit = {limit} is more than the {rest.numel()} images {spec} holds for training; using all.",
+            stacklevel=2,
+        )
+    held = source.take(order[:heldout].sort().values) if heldout else None
+    return train, held
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,7 +450,7 @@ class RealBatches:
                 raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         else:
             local = self.rows.stop - self.rows.start
-            batch = self.source.images[self.order.indices(self.position + self.rows.start, local)]
+            batch = self.source.take(self.order.indices(self.position + self.rows.start, local))
             if batch.device.type == "cpu" and self.device.type == "cuda":
                 batch = batch.pin_memory()  # so that the copy below is asynchronous
         self.position += self.global_batch

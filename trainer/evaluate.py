@@ -1,12 +1,15 @@
-"""Evaluate a checkpoint's generator: FID and/or SWD against its data set, printed as one JSON object.
+"""Evaluate a checkpoint's generator: FID, KID, precision/recall and/or SWD against its data set, printed as one
+JSON object.
 
-    python -m trainer.evaluate --checkpoint runs/demo/checkpoints/iter-0000800 [--metrics fid,swd]
+    python -m trainer.evaluate --checkpoint runs/demo/checkpoints/iter-0000800 [--metrics fid,kid,pr,swd]
         [--num-images N] [--ema/--no-ema] [--inception PATH] [--device auto|cpu|cuda]
 
 --checkpoint also takes a run directory (its newest complete checkpoint is used). G is built from the
 checkpoint's config.yaml and weights (the EMA generator unless --no-ema); metrics, number of images and the
-Inception file default to the checkpoint's eval.* settings. One process; stdout holds only the JSON object,
-e.g. {"checkpoint": ..., "iteration": 800, "num_images": 10000, "ema": true, "metrics/swd": 12.3, ...}.
+Inception file default to the checkpoint's eval.* settings; fid, kid and pr share one pass of the Inception
+network. One process; stdout holds only the JSON object, e.g. {"checkpoint": ..., "iteration": 800,
+"num_images": 10000, "ema": true, "metrics/kid": 0.012, "metrics/kid_se": 0.0004, "metrics/precision": 0.71,
+"metrics/recall": 0.45, "metrics/swd": 12.3, ...}.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from trainer.errors import USER_ERROR_EXIT_CODE, ArgumentParser, UserError, plain_warnings, report_user_error
 
-USAGE = "python -m trainer.evaluate --checkpoint DIR [--metrics fid,swd] [--num-images N] [--ema/--no-ema]"
+USAGE = "python -m trainer.evaluate --checkpoint DIR [--metrics fid,kid,pr,swd] [--num-images N] [--ema/--no-ema]"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, usage_line=USAGE)
     parser.add_argument("--checkpoint", required=True, help="Checkpoint directory (iter-NNNNNNN) or run directory.")
-    parser.add_argument("--metrics", default=None, help="Comma-separated: fid, swd (default: eval.metrics).")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="Comma-separated: fid, kid, pr (precision and recall), swd (default: eval.metrics).",
+    )
     parser.add_argument("--num-images", type=int, default=None, help="Images to generate (default: eval.num_images).")
     parser.add_argument(
         "--ema", action=argparse.BooleanOptionalAction, default=True, help="Evaluate EMA-G (default) or raw G."
@@ -56,12 +63,17 @@ def resolve_checkpoint(text: str) -> Path:
 
 
 def parse_metrics(text: str | None, default: list[str]) -> list[str]:
+    from trainer.metrics import METRICS
+
     if text is None:
         return list(default)
     metrics = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in ("fid", "swd")]
+    unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise UserError(f"--metrics {text}: allowed are fid and swd, comma-separated (e.g. --metrics fid,swd).")
+        raise UserError(
+            f"--metrics {text}: allowed are {', '.join(METRICS[:-1])} and {METRICS[-1]} (pr is precision and "
+            f"recall), comma-separated (e.g. --metrics fid,kid,pr,swd)."
+        )
     return list(dict.fromkeys(metrics))
 
 

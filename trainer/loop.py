@@ -22,9 +22,10 @@ import torch
 from torch.profiler import record_function
 
 from models import models_from_config
+from trainer import augment
 from trainer import checkpoint as ckpt
 from trainer.config import Config, dump_yaml
-from trainer.data import RealBatches, open_source, shard
+from trainer.data import RealBatches, open_source, shard, split_source, to_training_range
 from trainer.distributed import agree, make_accelerator, one_outcome
 from trainer.ema import ema_beta, update_ema
 from trainer.errors import UserError, process_rank
@@ -49,6 +50,7 @@ class TrainingState:
     data_position: int = 0  # samples of the global data stream consumed
     skipped_steps: int = 0  # steps skipped for non-finite gradients (fp16 overflow included)
     bad_step_streak: int = 0  # consecutive skipped steps
+    augment_p: float | None = None  # the adapted augmentation probability (augment.target), None before any
     wandb_run_id: str | None = None
 
     @classmethod
@@ -149,6 +151,39 @@ class ControlChannel:
         return values.tolist()
 
 
+class AdaptiveAugment:
+    """ADA's controller of the augmentation probability p (augment.target), on the device and agreed by all ranks.
+
+    Every augment.interval iterations D scores a global batch of held-out real images (augmented as in training);
+    with the last critic step's scores of training reals and fakes, averaged over ranks in one all-reduce, that
+    gives the overfitting signal r_v (`augment.overfitting`), and p moves towards keeping r_v at the target
+    (`augment.adjust_p`). p stays a device tensor (no host read) and is saved in checkpoints.
+    """
+
+    def __init__(self, cfg: Config, heldout: torch.Tensor, steps: TrainingSteps, accelerator, p: float):
+        self.cfg, self.heldout, self.steps, self.accelerator = cfg, heldout.to(accelerator.device), steps, accelerator
+        self.p = torch.tensor(p, dtype=torch.float32, device=accelerator.device)
+        steps.augment_p = self.p
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.cfg.augment.interval == 0
+
+    def adjust(self, iteration: int, critic_stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg, steps, acc = self.cfg, self.steps, self.accelerator
+        generator = steps.streams.get("heldout_batch", iteration, acc.device)
+        picks = torch.randint(len(self.heldout), (steps.global_batch,), generator=generator, device=acc.device)
+        d_heldout = steps.critic_mean(to_training_range(self.heldout[picks[steps.rows]]), iteration)
+        means = torch.stack([critic_stats["critic/real"], d_heldout, critic_stats["critic/fake"]])
+        if acc.num_processes > 1:  # equal shards: the mean of the ranks' means is the global batch's mean
+            torch.distributed.all_reduce(means)
+            means = means / acc.num_processes
+        overfit = augment.overfitting(*means)
+        images = cfg.augment.interval * cfg.train.n_critic * cfg.train.batch_size
+        self.p = augment.adjust_p(self.p, overfit, cfg.augment.target, images, cfg.augment.speed_kimg)
+        steps.augment_p = self.p
+        return {"augment/p": self.p, "augment/overfitting": overfit}
+
+
 class SpeedMeter:
     """Real images per second (shown to D) and seconds per iteration since the previous measurement."""
 
@@ -209,7 +244,13 @@ class Trainer:
             shard(cfg.train.batch_size, acc.process_index, acc.num_processes),
             cfg.model.z_dim,
             channels_last=cfg.train.channels_last,
+            augment_policy=cfg.augment.policy,
         )
+        self.steps.augment_p = cfg.augment.p
+        self.adaptive = None
+        if cfg.augment.target is not None:
+            start_p = self.state.augment_p if self.state.augment_p is not None else 0.0
+            self.adaptive = AdaptiveAugment(cfg, self.heldout, self.steps, acc, start_p)
         self.batches = self.build_batches()
         self.sample_z = self.streams.normal("sample_z", 0, (cfg.log.grid_size, cfg.model.z_dim), self.device)
         self.window = MetricWindow()
@@ -220,15 +261,17 @@ class Trainer:
     def build_source(self):
         cfg = self.cfg
         source = open_source(cfg.data.source, cfg.data.resolution, cfg.data.channels)
+        heldout = cfg.augment.heldout if cfg.augment.target is not None else 0
+        source, self.heldout = split_source(source, cfg.data.limit, heldout, f"data.source = '{cfg.data.source}'")
         if len(source) < cfg.train.batch_size:
             warnings.warn(
                 f"data.source holds {len(source)} images, fewer than one global batch "
                 f"({cfg.train.batch_size}); batches repeat images within an epoch boundary.",
                 stacklevel=2,
             )
-        if cfg.eval.every and "fid" in cfg.eval.metrics:  # fail now, not at the first evaluation hours later
-            from trainer.metrics import load_inception
+        from trainer.metrics import load_inception, needs_inception
 
+        if cfg.eval.every and needs_inception(cfg.eval.metrics):  # fail now, not at the first evaluation hours later
             load_inception(cfg.eval.inception, self.device)  # loaded once per process, kept for the evaluations
         return source
 
@@ -332,6 +375,8 @@ class Trainer:
         """Write a checkpoint from the main process while the others wait; every rank learns if it failed."""
         acc, error = self.accelerator, None
         path = None
+        if self.adaptive is not None:
+            self.state.augment_p = float(self.adaptive.p)
         if acc.is_main_process:
             contents = ckpt.CheckpointContents(
                 models={
@@ -420,6 +465,7 @@ class Trainer:
             with phase("critic_step"):
                 result = self.steps.critic_step(real, state.critic_steps, measure=measure)
                 self.window.add(result.stats)
+                critic_stats = result.stats
                 self.skips.add(result.skipped)
             state.critic_steps += 1
             state.data_position = self.batches.position
@@ -427,6 +473,9 @@ class Trainer:
             result = self.steps.generator_step(state.iteration, measure=measure)
             self.window.add(result.stats)
             self.skips.add(result.skipped)
+        if self.adaptive is not None and self.adaptive.due(state.iteration + 1):
+            with phase("augment_adjust"):
+                self.window.add(self.adaptive.adjust(state.iteration + 1, critic_stats))
         with phase("ema"):
             images_seen = (state.iteration + 1) * cfg.train.batch_size  # by G
             beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)

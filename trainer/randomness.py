@@ -10,7 +10,8 @@ import hashlib
 
 import torch
 
-STREAMS = ("init", "critic_z", "generator_z", "penalty", "flip", "data_order", "sample_z", "eval")
+STREAMS = ("init", "critic_z", "generator_z", "penalty", "flip", "data_order", "sample_z", "eval",
+           "augment_critic", "augment_generator", "augment_heldout", "heldout_batch")  # fmt: skip
 
 
 def stream_seed(seed: int, stream: str, step: int = 0) -> int:

@@ -10,6 +10,9 @@ The rules these steps keep (see ../shared/reference/wgan-div.md, "Known traps"):
 - Every random draw comes from (seed, stream, step) for the GLOBAL batch, and each rank keeps its rows, so N
   processes compute exactly what one process computes on the whole batch.
 - fp16: the input gradient is taken of the scaled output and unscaled out of place; the penalty is fp32.
+- Augmentation (`augment.policy`): every critic input, real and fake, in both steps, is augmented with draws for
+  the global batch; the critic step augments before it builds its penalty points, so the penalty is taken at
+  the augmented images the critic sees (see `trainer/augment.py`).
 - A step is skipped, on every rank alike and without a host synchronisation, when the all-reduced gradients hold
   a non-finite entry; one mechanism for every precision (see `_update`).
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from trainer import losses
+from trainer import augment, losses
 from trainer.randomness import Streams
 
 
@@ -103,6 +106,7 @@ class TrainingSteps:
         rows: slice,
         z_dim: int,
         channels_last: bool = False,
+        augment_policy: list[str] = (),
     ):
         self.nets, self.opt_g, self.opt_d, self.accelerator = nets, opt_g, opt_d, accelerator
         self.loss_cfg, self.streams, self.global_batch, self.rows, self.z_dim = (
@@ -115,12 +119,32 @@ class TrainingSteps:
         self.device = accelerator.device
         self.critic_parameters = [p for p in nets.critic_core.parameters() if p.requires_grad]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.augment_policy = list(augment_policy)
+        self.augment_p: float | torch.Tensor = 1.0  # a device tensor when adapted (the loop owns it)
 
     # ---------------------------------------------------------------------------------------------------------
 
     def latents(self, stream: str, step: int) -> torch.Tensor:
         z = self.streams.normal(stream, step, (self.global_batch, self.z_dim), self.device)
         return z[self.rows]
+
+    def augmented(self, images: torch.Tensor, stream: str, step: int, sets: int = 1, which: int = 0):
+        """`images` (this rank's rows of set `which` of `sets` global batches) augmented with draw `step` of
+        `stream`; the draws cover all `sets` global batches, so real and fake get independent transforms."""
+        if not self.augment_policy:
+            return images
+        b = self.global_batch
+        generator = self.streams.get(stream, step, self.device)
+        draws = augment.draw(self.augment_policy, sets * b, images.shape[-1], self.augment_p, generator, self.device)
+        rows = slice(which * b + self.rows.start, which * b + self.rows.stop)
+        return augment.apply(images, augment.select(draws, rows))
+
+    @torch.no_grad()
+    def critic_mean(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Mean of D over this rank's rows of `images`, augmented as the critic step augments (no graph, no
+        all-reduce): how D scores held-out real images, for the adaptive augmentation probability."""
+        images = self.augmented(images, "augment_heldout", step)
+        return self.nets.critic_core(images.contiguous(memory_format=self.memory_format)).float().mean()
 
     def loss_scale(self) -> torch.Tensor | None:
         scaler = self.accelerator.scaler
@@ -131,6 +155,9 @@ class TrainingSteps:
         cfg, b = self.loss_cfg, real.shape[0]
         with record_function("critic_fakes"), torch.no_grad():
             fake = self.nets.generator_fakes(self.latents("critic_z", step)).float()
+        with record_function("critic_augment"):
+            real = self.augmented(real, "augment_critic", step, sets=2, which=0)
+            fake = self.augmented(fake, "augment_critic", step, sets=2, which=1)
         penalise = step % cfg.every == 0
         with record_function("critic_inputs"):
             if penalise:
@@ -185,6 +212,9 @@ class TrainingSteps:
         try:
             with record_function("generator_forward"):
                 fake = self.nets.generator(self.latents("generator_z", iteration))
+            with record_function("generator_augment"):
+                fake = self.augmented(fake, "augment_generator", iteration)
+            with record_function("generator_critic_forward"):
                 loss = losses.generator_loss(critic(fake.contiguous(memory_format=self.memory_format)))
             with record_function("generator_backward"):
                 self.accelerator.backward(loss)

@@ -137,6 +137,8 @@ class Tracker:
             f"img/s {values.get('speed/img_per_s', 0):.0f}  W {values.get('wasserstein', math.nan):.3f}  "
             f"penalty {values.get('loss/penalty', math.nan):.3f}  G {values.get('loss/generator', math.nan):.3f}"
         )
+        if "augment/p" in values:
+            summary += f"  augment p {values['augment/p']:.3f} r_v {values.get('augment/overfitting', math.nan):.2f}"
         if self.bar is not None:
             self.bar.set_postfix_str(summary.split("  ", 1)[1], refresh=False)
         else:
