@@ -225,3 +225,6 @@ def test_adaptive_p_moves_is_checkpointed_and_resume_is_exact(tmp_path):
     assert_same_files(tmp_path / "straight", tmp_path / "resumed", 4)
     straight = training_state(tmp_path / "straight", 4)["counters"]["augment_p"]
     assert training_state(tmp_path / "resumed", 4)["counters"]["augment_p"] == straight
+    # the console (and W&B) show the p in use at the logged iteration, not an average over the window
+    last = [line for line in done.stdout.splitlines() if line.startswith("it 4/4")][-1]
+    assert f"augment p {straight:.3f}" in last, (last, straight)

@@ -239,6 +239,7 @@ def test_duplicate_metric_is_rejected(cfg_file):
         (["augment.target=0.6"], ["augment.target = 0.6", "augment.policy is empty", "augment.policy=["]),
         (["augment.policy=[cutout]", "augment.target=0.6", "augment.p=0.5"], ["augment.p = 0.5", "set one of them"]),
         (["augment.p=1.5"], ["augment.p", "<= 1"]),
+        (["eval.metrics=[swd,pr]", "eval.num_images=3"], ["eval.num_images = 3", "precision/recall", "at least 4"]),
     ],
 )
 def test_augmentation_mistakes_are_named(cfg_file, overrides, words):

@@ -457,6 +457,8 @@ def test_limit_and_heldout_are_disjoint_fixed_subsets(kind, request):
     assert len(set(picked)) == 7 and set(picked) <= rows  # disjoint images of the source
     again, held_again = split_source(source, limit=4, heldout=3)  # fixed: no seed involved
     assert torch.equal(again.take(torch.arange(4)), train_images) and torch.equal(held_again, held)
+    alone, _ = split_source(source, limit=4)  # the same training images without held-out ones
+    assert torch.equal(alone.take(torch.arange(4)), train_images)
     more, _ = split_source(source, limit=6, heldout=3)  # a larger limit extends the same subset
     assert {bytes(x.numpy()) for x in train_images} <= {bytes(x.numpy()) for x in more.take(torch.arange(6))}
     # batches of the subset only ever hold its images
@@ -469,6 +471,8 @@ def test_limit_and_heldout_are_disjoint_fixed_subsets(kind, request):
 def test_heldout_larger_than_the_source_and_a_large_limit_are_explained():
     with pytest.raises(DataError, match=r"holds 10 images, but augment.heldout = 10"):
         split_source(small_array_source(), heldout=10)
+    with pytest.raises(DataError, match=r"holds 10 images, but data.limit = 8 plus augment.heldout = 3"):
+        split_source(small_array_source(), limit=8, heldout=3)
     with pytest.warns(UserWarning, match="data.limit = 50 is more than the 10 images"):
         train, _ = split_source(small_array_source(), limit=50)
     assert len(train) == 10

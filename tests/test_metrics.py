@@ -132,6 +132,15 @@ def test_kid_of_one_subset_holding_every_feature_matches_a_brute_force_double_lo
     assert kid32 == pytest.approx(brute_force_kid(x32.astype(np.float64), y32.astype(np.float64)), rel=1e-12)
 
 
+def test_kid_subsets_differ_for_small_sets():
+    assert M.kid_subset_size(10000, 5000) == 1000 and M.kid_subset_size(2000, 3000) == 1000
+    assert M.kid_subset_size(500, 800) == 250 and M.kid_subset_size(3, 10) == 2
+    features = torch.randn(200, 8, generator=torch.Generator().manual_seed(3))
+    subset = M.kid_subset_size(100, 100)
+    _, se = M.kernel_inception_distance(features[:100], features[100:] + 0.2, max_subset_size=subset)
+    assert se > 1e-6  # the subsets are not all the whole set
+
+
 def test_kid_subsets_mean_and_standard_error_match_numpy():
     rng = np.random.default_rng(1)
     real, fake = rng.normal(size=(30, 4)), rng.normal(size=(25, 4)) + 0.4
@@ -489,5 +498,6 @@ def test_evaluate_cli_prints_one_json_object_and_reports_user_errors(tmp_path, c
     assert set(combined) == {"checkpoint", "iteration", "num_images", "ema", "metrics/kid", "metrics/kid_se",
                              "metrics/precision", "metrics/recall", "metrics/swd", "metrics/swd_16"}  # fmt: skip
     assert 0 <= combined["metrics/precision"] <= 1 and 0 <= combined["metrics/recall"] <= 1
-    assert combined["metrics/kid_se"] > 0
+    # 64 images: subsets of 32, so they differ and their spread is a real number (not rounding around 0)
+    assert combined["metrics/kid_se"] > 1e-3 * abs(combined["metrics/kid"]) and combined["metrics/kid_se"] > 1e-9
     assert combined["metrics/swd"] == pytest.approx(result["metrics/swd"], rel=1e-4)

@@ -580,6 +580,12 @@ def validate(cfg: Config, origin: str = "the config", origins: dict[str, str] | 
             f"Config error in {_origin_of('augment.p', origins, origin)}: augment.p = {augment.p} is a fixed "
             f"probability, but augment.target = {augment.target} adapts p (starting from 0); set one of them."
         )
+    if "pr" in cfg.eval.metrics and cfg.eval.num_images < 4:
+        raise ConfigError(
+            f"Config error in {_origin_of('eval.num_images', origins, origin)}: eval.num_images = "
+            f"{cfg.eval.num_images} is too small for precision/recall (pr in eval.metrics): its 3-nearest-neighbour "
+            f"radii need at least 4 images; raise eval.num_images or drop pr."
+        )
     if len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
         raise ConfigError(
             f"Config error in {_origin_of('eval.metrics', origins, origin)}: eval.metrics = {cfg.eval.metrics} "

@@ -285,30 +285,27 @@ def open_source(source: str, resolution: int, channels: int) -> ArraySource | Fi
 def split_source(source: ArraySource | FileSource, limit: int = 0, heldout: int = 0, spec: str = "data.source"):
     """(training images, held-out images or None): disjoint subsets of `source` along one fixed permutation.
 
-    The permutation is the same for every run.seed (so a `data.limit` subset is the same data whatever the seed)
-    and is not the source's own order, which may be sorted by class. Held-out images come first, then `limit`
-    training images (0: all the rest). The held-out images are returned as one uint8 tensor (few, read once).
+    The permutation is the same for every run.seed and is not the source's own order (which may be sorted by
+    class). Training takes its first `limit` images (0: all but the held-out ones) and the held-out images are its
+    LAST `heldout`, so a `data.limit` subset is the same images with or without held-out images. The held-out
+    images are returned as one uint8 tensor (few, read once).
     """
     if not limit and not heldout:
         return source, None
-    if heldout and len(source) <= heldout:
+    total = len(source)
+    if heldout and (total <= heldout or limit + heldout > total):
         raise DataError(
-            f"{spec} holds {len(source)} images, but augment.heldout = {heldout} of them are to be kept out of "
-            f"training to measure the critic's overfitting; lower augment.heldout (or use a fixed augment.p)."
+            f"{spec} holds {total} images, but {f'data.limit = {limit} plus ' if limit else ''}augment.heldout = "
+            f"{heldout} (images kept out of training to measure the critic's overfitting) need more; lower "
+            f"augment.heldout{' or data.limit' if limit else ''} (or use a fixed augment.p without augment.target)."
         )
+    if limit > total:
+        warnings.warn(f"data.limit = {limit} is more than the {total} images {spec} holds; using all.", stacklevel=2)
     generator = torch.Generator().manual_seed(0x5EED_5B5E7)  # fixed: not run.seed
-    order = torch.randperm(len(source), generator=generator)
-    rest = order[heldout:]
-    if limit:
-        rest = rest[:limit]
-    train = source.subset(rest.sort().values)  # in the source's order: a folder is read in its own order
-    if limit > rest.numel():
-        warnings.warn(
-            f"data.limit = {limit} is more than the {rest.numel()} images {spec} holds for training; using all.",
-            stacklevel=2,
-        )
-    held = source.take(order[:heldout].sort().values) if heldout else None
-    return train, held
+    order = torch.randperm(total, generator=generator)
+    train = order[: limit or total - heldout]
+    held = source.take(order[total - heldout :].sort().values) if heldout else None
+    return source.subset(train.sort().values), held  # in the source's order: a folder is read in its own order
 
 
 # --------------------------------------------------------------------------------------------------------------

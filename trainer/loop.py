@@ -28,7 +28,7 @@ from trainer.config import Config, dump_yaml
 from trainer.data import RealBatches, open_source, shard, split_source, to_training_range
 from trainer.distributed import agree, make_accelerator, one_outcome
 from trainer.ema import ema_beta, update_ema
-from trainer.errors import UserError, process_rank
+from trainer.errors import DataError, UserError, process_rank
 from trainer.randomness import Streams, stream_seed
 from trainer.steps import Nets, TrainingSteps
 from trainer.tracking import MetricWindow, Tracker, sample_grid, save_png
@@ -154,26 +154,26 @@ class ControlChannel:
 class AdaptiveAugment:
     """ADA's controller of the augmentation probability p (augment.target), on the device and agreed by all ranks.
 
-    Every augment.interval iterations D scores a global batch of held-out real images (augmented as in training);
-    with the last critic step's scores of training reals and fakes, averaged over ranks in one all-reduce, that
-    gives the overfitting signal r_v (`augment.overfitting`), and p moves towards keeping r_v at the target
-    (`augment.adjust_p`). p stays a device tensor (no host read) and is saved in checkpoints.
+    Every augment.interval iterations the current D scores the last critic step's augmented training reals and
+    fakes and a global batch of held-out real images (augmented alike) in one forward; the three means, averaged
+    over ranks in one all-reduce, give the overfitting signal r_v (`augment.overfitting`), and p moves towards
+    keeping r_v at the target (`augment.adjust_p`). p stays a device tensor (no host read) and is saved in
+    checkpoints.
     """
 
     def __init__(self, cfg: Config, heldout: torch.Tensor, steps: TrainingSteps, accelerator, p: float):
         self.cfg, self.heldout, self.steps, self.accelerator = cfg, heldout.to(accelerator.device), steps, accelerator
         self.p = torch.tensor(p, dtype=torch.float32, device=accelerator.device)
-        steps.augment_p = self.p
+        steps.augment_p, steps.keep_inputs = self.p, True
 
     def due(self, iteration: int) -> bool:
         return iteration % self.cfg.augment.interval == 0
 
-    def adjust(self, iteration: int, critic_stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def adjust(self, iteration: int) -> dict[str, torch.Tensor]:
         cfg, steps, acc = self.cfg, self.steps, self.accelerator
         generator = steps.streams.get("heldout_batch", iteration, acc.device)
         picks = torch.randint(len(self.heldout), (steps.global_batch,), generator=generator, device=acc.device)
-        d_heldout = steps.critic_mean(to_training_range(self.heldout[picks[steps.rows]]), iteration)
-        means = torch.stack([critic_stats["critic/real"], d_heldout, critic_stats["critic/fake"]])
+        means = steps.critic_means(to_training_range(self.heldout[picks[steps.rows]]), iteration)
         if acc.num_processes > 1:  # equal shards: the mean of the ranks' means is the global batch's mean
             torch.distributed.all_reduce(means)
             means = means / acc.num_processes
@@ -181,7 +181,7 @@ class AdaptiveAugment:
         images = cfg.augment.interval * cfg.train.n_critic * cfg.train.batch_size
         self.p = augment.adjust_p(self.p, overfit, cfg.augment.target, images, cfg.augment.speed_kimg)
         steps.augment_p = self.p
-        return {"augment/p": self.p, "augment/overfitting": overfit}
+        return {"augment/overfitting": overfit}  # p itself is logged as it is at the log (progress_values)
 
 
 class SpeedMeter:
@@ -261,16 +261,23 @@ class Trainer:
     def build_source(self):
         cfg = self.cfg
         source = open_source(cfg.data.source, cfg.data.resolution, cfg.data.channels)
+        from trainer.metrics import PR_NEIGHBOURS, load_inception, needs_inception
+
+        if cfg.eval.every and "pr" in cfg.eval.metrics and len(source) < PR_NEIGHBOURS + 1:
+            raise DataError(
+                f"data.source = '{cfg.data.source}' holds {len(source)} images; precision/recall (pr in "
+                f"eval.metrics) needs at least {PR_NEIGHBOURS + 1}. Drop pr from eval.metrics."
+            )
         heldout = cfg.augment.heldout if cfg.augment.target is not None else 0
+        total = len(source)
         source, self.heldout = split_source(source, cfg.data.limit, heldout, f"data.source = '{cfg.data.source}'")
         if len(source) < cfg.train.batch_size:
+            kept = "" if len(source) == total else f" (of its {total}, after data.limit and augment.heldout)"
             warnings.warn(
-                f"data.source holds {len(source)} images, fewer than one global batch "
+                f"data.source leaves {len(source)} images for training{kept}, fewer than one global batch "
                 f"({cfg.train.batch_size}); batches repeat images within an epoch boundary.",
                 stacklevel=2,
             )
-        from trainer.metrics import load_inception, needs_inception
-
         if cfg.eval.every and needs_inception(cfg.eval.metrics):  # fail now, not at the first evaluation hours later
             load_inception(cfg.eval.inception, self.device)  # loaded once per process, kept for the evaluations
         return source
@@ -465,7 +472,6 @@ class Trainer:
             with phase("critic_step"):
                 result = self.steps.critic_step(real, state.critic_steps, measure=measure)
                 self.window.add(result.stats)
-                critic_stats = result.stats
                 self.skips.add(result.skipped)
             state.critic_steps += 1
             state.data_position = self.batches.position
@@ -475,7 +481,7 @@ class Trainer:
             self.skips.add(result.skipped)
         if self.adaptive is not None and self.adaptive.due(state.iteration + 1):
             with phase("augment_adjust"):
-                self.window.add(self.adaptive.adjust(state.iteration + 1, critic_stats))
+                self.window.add(self.adaptive.adjust(state.iteration + 1))
         with phase("ema"):
             images_seen = (state.iteration + 1) * cfg.train.batch_size  # by G
             beta = ema_beta(cfg.train.batch_size, cfg.train.ema, cfg.train.ema_rampup, images_seen)
@@ -498,6 +504,12 @@ class Trainer:
             tracker.note(f"resumed from {self.resumed.path} at iteration {state.iteration}")
             for key, (old, new) in self.resumed.config_changes.items():
                 tracker.note(f"config changed since the checkpoint: {key}: {old!r} -> {new!r}")
+            if self.resumed.config_changes.get("augment.target", (0, 0))[0] is None:
+                tracker.note(
+                    "augment.target was added at this resume: its held-out images were trained on before, so D may "
+                    "score them like training images and r_v will understate its overfitting. Start a run with "
+                    "augment.target to keep them out from the beginning."
+                )
         self.signals.install()
         speed = SpeedMeter(state.iteration, cfg.train.n_critic * cfg.train.batch_size)
         last_checkpoint = state.iteration if self.resumed.path is not None else -1
@@ -514,12 +526,14 @@ class Trainer:
                     tracker.scalars(state.iteration, {**self.window.reduce(acc), **self.progress_values(speed)})
                 if state.iteration % cfg.log.samples_every == 0:
                     tracker.images(state.iteration, self.write_samples())
-                if cfg.eval.every and state.iteration % cfg.eval.every == 0:
-                    tracker.scalars(state.iteration, self.evaluate())
                 if state.iteration % cfg.checkpoint.every == 0 or stop:
                     stop = self.apply_control(self.control.flush()) or stop  # exact counters in the checkpoint
                     self.checkpoint()
                     last_checkpoint = state.iteration
+                # After the checkpoint, so that a failed evaluation loses no training; not when stopping (the
+                # grace period of a preemption is for the checkpoint).
+                if cfg.eval.every and state.iteration % cfg.eval.every == 0 and not stop:
+                    tracker.scalars(state.iteration, self.evaluate())
                 tracker.advance(state.iteration)
                 if stop:
                     tracker.note(f"{self.signals.name or 'a signal'} received: checkpoint written at iteration "
@@ -584,6 +598,8 @@ class Trainer:
         }
         if acc.scaler is not None:
             values["amp/scale"] = acc.scaler.get_scale()
+        if self.adaptive is not None:
+            values["augment/p"] = float(self.adaptive.p)  # the p in use now (a log is a host read anyway)
         if self.device.type == "cuda":
             values["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return values

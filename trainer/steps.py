@@ -121,6 +121,8 @@ class TrainingSteps:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.augment_policy = list(augment_policy)
         self.augment_p: float | torch.Tensor = 1.0  # a device tensor when adapted (the loop owns it)
+        self.keep_inputs = False  # keep the last critic step's augmented (real, fake) in `last_inputs`
+        self.last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -140,11 +142,14 @@ class TrainingSteps:
         return augment.apply(images, augment.select(draws, rows))
 
     @torch.no_grad()
-    def critic_mean(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """Mean of D over this rank's rows of `images`, augmented as the critic step augments (no graph, no
-        all-reduce): how D scores held-out real images, for the adaptive augmentation probability."""
-        images = self.augmented(images, "augment_heldout", step)
-        return self.nets.critic_core(images.contiguous(memory_format=self.memory_format)).float().mean()
+    def critic_means(self, heldout: torch.Tensor, step: int) -> torch.Tensor:
+        """[mean D(real), mean D(held-out), mean D(fake)] over this rank's rows, by the CURRENT D in one forward
+        (no graph, no all-reduce): the last critic step's augmented real and fake (`last_inputs`), and `heldout`
+        augmented alike. One D for all three, so that D's shift between updates cannot enter r_v."""
+        real, fake = self.last_inputs
+        heldout = self.augmented(heldout, "augment_heldout", step)
+        scores = self.nets.critic_core(torch.cat([real, heldout, fake]).contiguous(memory_format=self.memory_format))
+        return scores.float().view(3, -1).mean(dim=1)
 
     def loss_scale(self) -> torch.Tensor | None:
         scaler = self.accelerator.scaler
@@ -158,6 +163,8 @@ class TrainingSteps:
         with record_function("critic_augment"):
             real = self.augmented(real, "augment_critic", step, sets=2, which=0)
             fake = self.augmented(fake, "augment_critic", step, sets=2, which=1)
+            if self.keep_inputs:
+                self.last_inputs = (real, fake)
         penalise = step % cfg.every == 0
         with record_function("critic_inputs"):
             if penalise:
