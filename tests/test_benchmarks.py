@@ -84,3 +84,20 @@ def test_lever_variants_compute_the_product_critic_loss(tiny_trainer):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses[2], losses[0], rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in trainer.generator_module.parameters())  # FakesWithGrad drops G's grads
+
+
+@pytest.mark.slow
+def test_small_data_benchmark_trains_scores_and_writes_its_table_and_grids(tmp_path):
+    """benchmarks/small_data.py at a tiny size: two rows (all images; 500 with augmentation), SWD only."""
+    out = tmp_path / "small"
+    command = [sys.executable, "benchmarks/small_data.py", "--out", str(out), "--iterations", "2", "--images", "32",
+               "--kid-images", "0", "--only", "0,2"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == ["0", "2"]
+    assert results["2"]["overrides"] == ["data.limit=500", "augment.policy=[translation,cutout]"]
+    assert all(r["metrics/swd"] > 0 and "iteration 2" in r["finished"] for r in results.values())
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 4 and "translation + cutout" in table[3]
+    assert (out / "grids.png").stat().st_size > 0
