@@ -334,13 +334,47 @@ def test_evaluation_data_workers_survive_a_stop_signal_too(tmp_path, png_folder)
         first = next(batches)
         workers = [p for p in multiprocessing.active_children() if p.daemon]
         assert workers
-        for worker in workers:
+        for worker in workers:  # one of them may still be starting: the signal must not kill it either
             os.kill(worker.pid, signal.SIGTERM)
         time.sleep(0.5)
         rest = list(batches)  # the old code: "DataLoader worker ... is killed by signal: Terminated"
     finally:
         signals.restore()
     assert first[1].shape == (8, 1, 16, 16) and len(rest) == 7 and not signals.requested
+
+
+def test_a_stop_signal_while_workers_start_does_not_kill_them(tmp_path, png_folder, monkeypatch):
+    """A group signal can reach a worker after torch installed its own SIGTERM handler in it and before it ignores
+    the stop signals; workers are forked with them blocked, so such a signal stays pending and is discarded."""
+    import multiprocessing
+    import threading
+
+    from trainer import data, metrics
+    from trainer.loop import StopSignals
+
+    def slow_start(worker_id):  # widens the window between the fork and the worker's own init to 1 s
+        time.sleep(1.0)
+        data.ignore_stop_signals(worker_id)
+
+    monkeypatch.setattr(metrics, "ignore_stop_signals", slow_start)
+    signals = StopSignals()
+    signals.install()
+
+    def signal_the_starting_workers():
+        for worker in multiprocessing.active_children():
+            if worker.daemon:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    timer = threading.Timer(0.4, signal_the_starting_workers)
+    try:
+        source = data.open_source(str(png_folder), 16, 1)
+        batches = metrics.real_batches(source, metrics.real_order(len(source), 64), slice(0, 64), 8, 2, "cpu")
+        timer.start()
+        everything = list(batches)  # without the block: "DataLoader worker (pid ...) exited unexpectedly"
+    finally:
+        timer.cancel()
+        signals.restore()
+    assert len(everything) == 8 and not signals.requested
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

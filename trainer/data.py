@@ -18,6 +18,7 @@ instead, so a prepared array never holds one).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import multiprocessing
 import signal
@@ -386,10 +387,25 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
     A preemption signal reaches the whole process group (SLURM, scancel, Ctrl-C). A worker that died of it would
     fail the main process's next batch before it could write its checkpoint; ignored here, the main process
-    finishes the iteration, checkpoints, and shuts the workers down itself.
+    finishes the iteration, checkpoints, and shuts the workers down itself. Workers are forked with the signals
+    blocked (`stop_signals_blocked`): torch installs its own SIGTERM handler in a new worker (which dies of a
+    signal not sent by its parent) before this runs, so one arriving in between stays pending, and is discarded
+    when it is unblocked here, after being set to ignored.
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals in this thread while DataLoader workers are forked (they inherit the mask; see
+    `ignore_stop_signals`); a signal arriving meanwhile is delivered to this process when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class RealBatches:
@@ -439,7 +455,8 @@ class RealBatches:
         """The real images of global batch number `step` for this process; advances `position`."""
         if self._loader is not None:
             if self._loader_iter is None:  # workers start at the first batch, after the loop's signal handlers
-                self._loader_iter = iter(self._loader)
+                with stop_signals_blocked():
+                    self._loader_iter = iter(self._loader)
                 _OPEN.add(self)
             try:
                 batch = next(self._loader_iter)

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.data import ArraySource, FileSource, ignore_stop_signals, open_source, to_uint8
+from trainer.data import ArraySource, FileSource, ignore_stop_signals, open_source, stop_signals_blocked, to_uint8
 from trainer.distributed import agree
 from trainer.errors import DataError, UserError
 from trainer.randomness import Streams
@@ -730,8 +730,10 @@ def real_batches(source, order: torch.Tensor, rows: slice, batch_size: int, work
         num_workers=workers,
         worker_init_fn=ignore_stop_signals if workers else None,  # a preemption signal is the trainer's to handle
     )
+    with stop_signals_blocked():  # the workers are forked here; see data.ignore_stop_signals
+        iterator = iter(loader)
     try:
-        for start, images in zip(starts, loader):
+        for start, images in zip(starts, iterator):
             yield start, images.to(device)
     except DataError as error:  # re-raised by the DataLoader with the worker's traceback in its text
         raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
