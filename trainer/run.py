@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as error:
         report_user_error(error)
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            # Leave without the process group's destructors, as below: with a peer already gone, gloo's threads
+            # could abort this process at interpreter exit ("terminate called without an active exception").
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(USER_ERROR_EXIT_CODE)
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         return 130
