@@ -113,14 +113,6 @@ def apply(images: torch.Tensor, draws: Draws) -> torch.Tensor:
     return x
 
 
-def augment(images: torch.Tensor, policy: list[str], p, generator: torch.Generator, global_rows: int, rows: slice):
-    """Draw for `global_rows` samples and apply this process's `rows` of the draws to `images`."""
-    if not policy:
-        return images
-    draws = draw(policy, global_rows, images.shape[-1], p, generator, images.device)
-    return apply(images, select(draws, rows))
-
-
 def shift_images(images: torch.Tensor, shifts: torch.Tensor, reflect: bool) -> torch.Tensor:
     """out[n, :, i, j] = in[n, :, i - dy_n, j - dx_n]; outside the image: 0, or the mirrored pixel if `reflect`.
 

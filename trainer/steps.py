@@ -130,16 +130,18 @@ class TrainingSteps:
         z = self.streams.normal(stream, step, (self.global_batch, self.z_dim), self.device)
         return z[self.rows]
 
-    def augmented(self, images: torch.Tensor, stream: str, step: int, sets: int = 1, which: int = 0):
-        """`images` (this rank's rows of set `which` of `sets` global batches) augmented with draw `step` of
-        `stream`; the draws cover all `sets` global batches, so real and fake get independent transforms."""
+    def augmented(self, stream: str, step: int, *sets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each of `sets` (this rank's rows of one global batch each) augmented with draw `step` of `stream`; one
+        draw covers all the sets' global batches, so real and fake get independent transforms."""
         if not self.augment_policy:
-            return images
-        b = self.global_batch
+            return sets
+        b, resolution = self.global_batch, sets[0].shape[-1]
         generator = self.streams.get(stream, step, self.device)
-        draws = augment.draw(self.augment_policy, sets * b, images.shape[-1], self.augment_p, generator, self.device)
-        rows = slice(which * b + self.rows.start, which * b + self.rows.stop)
-        return augment.apply(images, augment.select(draws, rows))
+        draws = augment.draw(self.augment_policy, len(sets) * b, resolution, self.augment_p, generator, self.device)
+        return tuple(
+            augment.apply(images, augment.select(draws, slice(k * b + self.rows.start, k * b + self.rows.stop)))
+            for k, images in enumerate(sets)
+        )
 
     @torch.no_grad()
     def critic_means(self, heldout: torch.Tensor, step: int) -> torch.Tensor:
@@ -147,7 +149,7 @@ class TrainingSteps:
         (no graph, no all-reduce): the last critic step's augmented real and fake (`last_inputs`), and `heldout`
         augmented alike. One D for all three, so that D's shift between updates cannot enter r_v."""
         real, fake = self.last_inputs
-        heldout = self.augmented(heldout, "augment_heldout", step)
+        (heldout,) = self.augmented("augment_heldout", step, heldout)
         scores = self.nets.critic_core(torch.cat([real, heldout, fake]).contiguous(memory_format=self.memory_format))
         return scores.float().view(3, -1).mean(dim=1)
 
@@ -161,8 +163,7 @@ class TrainingSteps:
         with record_function("critic_fakes"), torch.no_grad():
             fake = self.nets.generator_fakes(self.latents("critic_z", step)).float()
         with record_function("critic_augment"):
-            real = self.augmented(real, "augment_critic", step, sets=2, which=0)
-            fake = self.augmented(fake, "augment_critic", step, sets=2, which=1)
+            real, fake = self.augmented("augment_critic", step, real, fake)
             if self.keep_inputs:
                 self.last_inputs = (real, fake)
         penalise = step % cfg.every == 0
@@ -220,7 +221,7 @@ class TrainingSteps:
             with record_function("generator_forward"):
                 fake = self.nets.generator(self.latents("generator_z", iteration))
             with record_function("generator_augment"):
-                fake = self.augmented(fake, "augment_generator", iteration)
+                (fake,) = self.augmented("augment_generator", iteration, fake)
             with record_function("generator_critic_forward"):
                 loss = losses.generator_loss(critic(fake.contiguous(memory_format=self.memory_format)))
             with record_function("generator_backward"):
