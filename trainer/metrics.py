@@ -114,9 +114,7 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
     Computed on the features' device when it has float64 (CPU, CUDA), else on the CPU.
     """
-    if features.device.type not in ("cpu", "cuda"):
-        features = features.cpu()
-    x = features.to(torch.float64)
+    x = _float64_device(features)
     mu = x.mean(dim=0)
     centered = x - mu
     return mu, centered.T @ centered / (x.shape[0] - 1)
