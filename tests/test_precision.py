@@ -239,3 +239,38 @@ def test_fp16_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         make_accelerator(tiny_config(tmp_path, "train.mixed_precision=fp16"))
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_after_a_skipped_lazy_penalty_step_d_waits_for_the_next_penalty_step(tmp_path, monkeypatch, fp16):
+    """loss.every=2 (steps 0, 2, 4, ... take the penalty). Step 0's penalty overflows (made inf here, as a spike
+    does under fp16): D must not take the penalty-free steps that follow until a penalty step succeeds, else it
+    climbs with nothing holding its gradients (the demo in fp16 reached a penalty of 1e9 in 12 iterations)."""
+    from trainer.loop import Trainer
+
+    trainer = build(tmp_path, "loss.every=2", "checkpoint.every=1", fp16=fp16, monkeypatch=monkeypatch)
+    real_penalty, spike = losses.gradient_penalty, [True]
+
+    def penalty(*args):
+        value = real_penalty(*args)
+        if spike:  # the first call only
+            spike.pop()
+            return value * math.inf
+        return value
+
+    monkeypatch.setattr(losses, "gradient_penalty", penalty)
+    before = state_copy(trainer.nets.critic_core)
+    skipped = [bool(trainer.steps.critic_step(trainer.batches.next(step), step).skipped) for step in range(2)]
+    assert skipped == [True, True]  # the spiked penalty step, then the held step
+    for key, value in before.items():
+        assert torch.equal(trainer.nets.critic_core.state_dict()[key], value), key
+    # The hold survives a checkpoint: a resumed run still waits.
+    trainer.checkpoint()
+    resumed = Trainer(trainer.cfg, resume="auto")
+    assert bool(resumed.steps.penalty_owed)
+    for step in range(2, 12):
+        skipped.append(bool(trainer.steps.critic_step(trainer.batches.next(step), step).skipped))
+    for step in range(1, 12, 2):  # a step without the penalty runs only after a successful penalty step
+        assert skipped[step] or not skipped[step - 1], skipped
+    assert not all(skipped[2:]), skipped  # the hold ends (under fp16 once the scale lets the penalty through)

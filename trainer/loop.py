@@ -51,6 +51,7 @@ class TrainingState:
     skipped_steps: int = 0  # steps skipped for non-finite gradients (fp16 overflow included)
     bad_step_streak: int = 0  # consecutive skipped steps
     augment_p: float | None = None  # the adapted augmentation probability (augment.target), None before any
+    penalty_owed: bool = False  # the last lazy penalty step was skipped: D waits for the next one (steps.py)
     wandb_run_id: str | None = None
 
     @classmethod
@@ -247,6 +248,7 @@ class Trainer:
             augment_policy=cfg.augment.policy,
         )
         self.steps.augment_p = cfg.augment.p
+        self.steps.penalty_owed = torch.tensor(self.state.penalty_owed, device=self.device)
         self.adaptive = None
         if cfg.augment.target is not None:
             start_p = self.state.augment_p if self.state.augment_p is not None else 0.0
@@ -384,6 +386,7 @@ class Trainer:
         path = None
         if self.adaptive is not None:
             self.state.augment_p = float(self.adaptive.p)
+        self.state.penalty_owed = bool(self.steps.penalty_owed)
         if acc.is_main_process:
             contents = ckpt.CheckpointContents(
                 models={

@@ -87,6 +87,20 @@ def block_grad_norms(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return norms
 
 
+def hold_while_penalty_owed(parameters, owed: torch.Tensor) -> None:
+    """Make this step a skipped one if `owed` (a device bool), by an inf in one gradient entry; no host sync.
+
+    With a lazy penalty (loss.every > 1) a penalty step that is skipped (its gradients overflowed: under fp16 the
+    penalty's gradient grows as ||g||^(p-1), and a spike overflows it long before the adversarial part) must not be
+    followed by steps without a penalty, or D climbs with nothing to hold its gradients down: on the demo in fp16
+    the penalty reached 1e9 within 12 iterations, on an H100 and on the CPU alike. So D waits: the steps in
+    between are skipped too (under fp16 each halves the loss scale, which is what lets the penalty through),
+    until a penalty step succeeds. Every rank holds the same flag (from all-reduced gradients).
+    """
+    grad = parameters[0].grad
+    grad.view(-1)[:1].add_(torch.where(owed, torch.inf, 0.0).to(grad.dtype))
+
+
 class TrainingSteps:
     """Critic and generator steps over one set of nets, optimizers and streams.
 
@@ -123,6 +137,8 @@ class TrainingSteps:
         self.augment_p: float | torch.Tensor = 1.0  # a device tensor when adapted (the loop owns it)
         self.keep_inputs = False  # keep the last critic step's augmented (real, fake) in `last_inputs`
         self.last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # With a lazy penalty, whether the last penalty step was skipped (a device bool; saved in checkpoints).
+        self.penalty_owed = torch.zeros((), dtype=torch.bool, device=self.device)
 
     # ---------------------------------------------------------------------------------------------------------
 
@@ -210,7 +226,11 @@ class TrainingSteps:
         with record_function("critic_backward"):
             self.accelerator.backward(loss, inputs=self.critic_parameters)
         with record_function("critic_update"):
+            if cfg.every > 1 and not penalise:
+                hold_while_penalty_owed(self.critic_parameters, self.penalty_owed)
             skipped = self._update(self.opt_d, self.nets.critic_core, measure, "grad_norm/D", stats)
+            if cfg.every > 1 and penalise:
+                self.penalty_owed = skipped
         return StepResult(stats, skipped)
 
     def generator_step(self, iteration: int, measure: bool = False) -> StepResult:
