@@ -42,12 +42,14 @@ cd "$(dirname "$0")/.." || exit 2
 export LC_NUMERIC=C  # $EPOCHREALTIME with a decimal point
 QUICK=0
 DRY=0
+ONLY=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
     --dry-run) DRY=1 ;;
+    --only=*) ONLY=${arg#--only=} ;;
     -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$arg' (use --quick and/or --dry-run)" >&2 && exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (use --quick, --dry-run, --only=REGEX)" >&2 && exit 2 ;;
   esac
 done
 
@@ -73,7 +75,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # The step limits (see the header), in seconds before --dry-run's scaling.
-T_SETUP=25 T_TESTS=110 T_SMALL=18 T_FFHQ=25 T_EVAL=30 T_BENCH=30 T_B256=25 T_LEVERS=45 T_FINISH=15
+T_SETUP=25 T_TESTS=110 T_SMALL=25 T_FFHQ=45 T_EVAL=30 T_BENCH=75 T_B256=25 T_LEVERS=45 T_FINISH=15
 
 # ---------------------------------------------------------------------------------------------------------------
 # Records, summary and figures: one small Python program, no torch import (milliseconds per call).
@@ -300,6 +302,7 @@ step() {  # kind name limit command... : run it under `timeout`, log it, record 
   local kind=$1 name=$2 limit=$(($3 * SCALE))
   shift 3
   [ -n "$STOPPED" ] && return
+  if [ -n "$ONLY" ] && [ "$name" != setup ] && ! [[ $name =~ $ONLY ]]; then return; fi
   NSTEP=$((NSTEP + 1))
   local log
   log="$WORK/logs/$(printf %02d "$NSTEP")-$name.log"
@@ -398,7 +401,7 @@ step pytest cuda-tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m cuda
 TINY=()
 [ "$DRY" = 1 ] && TINY=(data.resolution=16 model.width=8 train.batch_size=16 train.n_critic=2)
 run_config() {  # step name, config, precision, iterations, limit, extra overrides...
-  local name=$1 config=$2 precision=$3 iterations=$4 limit=$5 every=10
+  local name=$1 config=$2 precision=$3 iterations=$4 limit=$5 every=5
   shift 5
   if [ "$DRY" = 1 ]; then iterations=2 every=1; fi
   step run "$name" "$limit" "$PY" trainer/run.py --config "configs/$config.yaml" "train.mixed_precision=$precision" \
@@ -430,9 +433,11 @@ bench() {  # step name, limit, precision, batch, steps, bench_step options...
   step bench "$name" "$limit" "$PY" benchmarks/bench_step.py --config configs/ffhq64.yaml "data.source=$FACES" \
     eval.every=0 log.wandb.mode=disabled "train.mixed_precision=$precision" "${sizes[@]}" "${options[@]}" --json
 }
-bench bench-fp32-b64 "$T_BENCH" no 64 20
-bench bench-bf16-b64 "$T_BENCH" bf16 64 20
-bench bench-fp16-b64 "$T_BENCH" fp16 64 20
+B64_STEPS=20
+[ "$QUICK" = 1 ] && B64_STEPS=10
+bench bench-bf16-b64 "$T_BENCH" bf16 64 "$B64_STEPS"
+bench bench-fp32-b64 "$T_BENCH" no 64 "$B64_STEPS"
+bench bench-fp16-b64 "$T_BENCH" fp16 64 "$B64_STEPS"
 if [ "$QUICK" = 0 ]; then
   bench bench-fp32-b256 "$T_B256" no 256 10 --no-reference
   bench bench-bf16-b256 "$T_B256" bf16 256 10 --no-reference

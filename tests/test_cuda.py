@@ -120,8 +120,9 @@ def test_compiled_generator_agrees_with_eager_and_keeps_block_names(tmp_path):
     compiled = trainer_for(tmp_path / "compiled", "train.iterations=2", "train.compile_g=true")
     z = torch.randn(8, compiled.cfg.model.z_dim, device="cuda")
     with torch.no_grad():
-        torch.testing.assert_close(compiled.nets.generator_fakes(z), eager.nets.generator_fakes(z), rtol=1e-4,
-                                   atol=1e-5)  # fmt: skip
+        # Inductor fuses and orders the float sums differently: seen 1.8e-5 on an H100 (tanh output in [-1, 1]).
+        torch.testing.assert_close(compiled.nets.generator_fakes(z), eager.nets.generator_fakes(z), rtol=1e-3,
+                                   atol=1e-4)  # fmt: skip
     initial = torch.cat([v.flatten() for _, v in sorted(weights(eager.generator_module).items())])
     compiled.train_iteration(measure=True)
     eager.train_iteration(measure=True)
