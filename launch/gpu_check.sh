@@ -2,8 +2,9 @@
 # The one prepared GPU check, made for one command on a lent GPU machine (15 minutes of device time in all, at most
 # 600 s per command, at most 8 files returned from $OUT):
 #
-#   bash launch/gpu_check.sh --quick            # one H100: under 8 minutes (its step limits add up to 453 s)
-#   bash launch/gpu_check.sh                    # more benchmark points (batch 256, --levers): limits add up to 573 s
+#   bash launch/gpu_check.sh --quick            # one H100: about 8 minutes (measured 2026-11-27; limits add up to 667 s)
+#   bash launch/gpu_check.sh                    # more benchmark points (batch 256, --levers): limits add up to 787 s
+#   bash launch/gpu_check.sh --quick --only='cuda-tests|run-'   # a subset: steps whose names match the regex
 #   bash launch/gpu_check.sh --quick --dry-run  # the same steps on the CPU with tiny sizes (about 3 minutes on 2 cores)
 #
 # Steps, each under its own `timeout`; a failing step never stops the others:
@@ -18,13 +19,16 @@
 #   bench-P-bB    benchmarks/bench_step.py on the ffhq64 models: fp32/bf16/fp16 at batch 64 with the reference loop;
 #                 without --quick also batch 256 in each precision and the speed levers (bf16, batch 256)
 #
-# Time budget per step (seconds; the `timeout` of each step, about twice the estimated time on one H100):
-#   setup 25 + cuda-tests 110 (torch.compile of G takes tens of seconds) + 6 x 18 (demo, mnist32 runs)
-#   + 3 x 25 (ffhq64 runs) + eval 30 + 3 x 30 (bench b64) = 438, plus at most 15 to write the results = 453 s for
-#   --quick; without --quick + 3 x 25 (bench b256) + 45 (levers) = 558 + 15 = 573 s.
-#   Estimated (not measured yet) on one H100: about 4 minutes for --quick, 6 without. Bookkeeping between steps
-#   adds about 0.2 s per step; a step that ignores the TERM of its timeout is killed 5 s later. --dry-run doubles every limit (the CPU is
-#   slower to start a process); its sizes are tiny: resolution 16, width 8, batch 16, 2 iterations of n_critic 2.
+# Time budget per step (seconds; the `timeout` of each step). Measured on an NVIDIA H100 80GB HBM3 (torch 2.11,
+# 2026-11-27): setup 9, cuda-tests 53-73, each demo/mnist32 run 12-16, each ffhq64 run 39-47 for 20 iterations (the
+# first 5 iterations take about 23 s: cuDNN autotunes every convolution of the double backward; fp32 longer), eval
+# 17, each bench b64 48-58 with --steps 10. Limits: setup 25 + cuda-tests 90 + 6 x 22 (demo, mnist32 runs) + 3 x 60
+# (ffhq64 runs, 10 iterations) + eval 30 + 3 x 65 (bench b64) + 15 to write the results = 667 s for --quick; about
+# 480 s in practice. That is over one device call's 600 s only if most steps hit their limits; to be safe run it as
+# two calls on the warm machine, --only='cuda-tests|run-' and then --only='eval|bench'. Without --quick add
+# 3 x 25 (bench b256) + 45 (levers). Bookkeeping between steps adds about 0.2 s per step; a step that ignores the
+# TERM of its timeout is killed 5 s later. --dry-run doubles every limit (the CPU is slower to start a process);
+# its sizes are tiny: resolution 16, width 8, batch 16, 2 iterations of n_critic 2.
 #
 # Results in ${OUT:-runs/gpu_check}: exactly 4 files (all scratch lives in a mktemp -d folder, tarred at the end,
 # also on failure or interrupt):
@@ -75,7 +79,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # The step limits (see the header), in seconds before --dry-run's scaling.
-T_SETUP=25 T_TESTS=110 T_SMALL=25 T_FFHQ=45 T_EVAL=30 T_BENCH=75 T_B256=25 T_LEVERS=45 T_FINISH=15
+T_SETUP=25 T_TESTS=90 T_SMALL=22 T_FFHQ=60 T_EVAL=30 T_BENCH=65 T_B256=25 T_LEVERS=45 T_FINISH=15
 
 # ---------------------------------------------------------------------------------------------------------------
 # Records, summary and figures: one small Python program, no torch import (milliseconds per call).
@@ -413,7 +417,7 @@ for precision in no bf16 fp16; do
   [ "$precision" = no ] && label=fp32
   run_config "run-demo-$label" demo "$precision" 30 "$T_SMALL" eval.every=0 "data.source=$MNIST"
   run_config "run-mnist32-$label" mnist32 "$precision" 30 "$T_SMALL" eval.every=0 "data.source=$MNIST"
-  run_config "run-ffhq64-$label" ffhq64 "$precision" 20 "$T_FFHQ" eval.every=0 "data.source=$FACES"
+  run_config "run-ffhq64-$label" ffhq64 "$precision" 10 "$T_FFHQ" eval.every=0 "data.source=$FACES"
 done
 # Periodic evaluation once (SWD: no pretrained network needed); the dry run evaluates at its last iteration.
 EVAL_EVERY=20
