@@ -11,9 +11,11 @@ round counts (other processes may share the machine). It reports:
 
 - img_per_s: REAL images shown to the critic per second, n_critic * batch / iteration time, timed with the device
   synchronised only before and after the N iterations, as a training run goes;
-- reference_img_per_s and ratio = ours / reference: the user's loop (benchmarks/reference_loop.py) on fresh copies
-  of the same initial G and D, the same batch source, batch size and device, in fp32 with PyTorch's default
-  backend flags, as the user would run it;
+- reference_img_per_s and ratio = ours / reference: the user's loop (benchmarks/reference_loop.py), with the same
+  loss.every as ours (its lazy variant when every > 1), on fresh copies of the same initial G and D, the same
+  batch source, batch size and device, in fp32 with PyTorch's default backend flags, as the user would run it;
+  like_for_like: whether the ratio compares identical math (math_differences lists what differs: a loss.r other
+  than real-and-fake, bf16/fp16 against the reference's fp32);
 - critic_step_ms, generator_step_ms, data_ms, ema_and_control_ms: one more pass of N iterations with the device
   synchronised around every phase, so each phase's time is its own (critic_step_ms follows loss.every);
 - critic_step_penalised_ms, critic_step_no_penalty_ms and penalty_cost_ratio (their quotient): the product's
@@ -342,8 +344,10 @@ class ReferenceRunner:
     def __init__(self, trainer: Trainer, weights: tuple[dict, dict]):
         cfg, self.trainer, self.batch = trainer.cfg, trainer, 0
         generator, critic = reference_models(cfg, weights, trainer.device)
+        # The same loss.every as ours (the reference's lazy variant), so that the ratio compares identical math.
         self.loop = ReferenceLoop(generator, critic, cfg.model.z_dim, cfg.train.n_critic, cfg.train.lr_g,
-                                  cfg.train.lr_d, trainer.device, cfg.loss.k, cfg.loss.p)  # fmt: skip
+                                  cfg.train.lr_d, trainer.device, cfg.loss.k, cfg.loss.p,
+                                  every=cfg.loss.every)  # fmt: skip
         self.images_per_iteration = cfg.train.n_critic * cfg.train.batch_size
 
     def run(self, iterations: int) -> None:
@@ -414,6 +418,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def math_differences(cfg: Config, precision: str) -> list[str]:
+    """How our run's math differs from the reference's (empty: the ratio compares identical math).
+
+    The reference takes the WGAN-div penalty on the real and fake samples, with our k, p and loss.every, in fp32.
+    Layouts, kernels and the rest of the levers are not math: they are what the ratio is meant to measure.
+    """
+    differences = []
+    if cfg.loss.name != "wgan-div":
+        differences.append(f"ours is {cfg.loss.name}, the reference WGAN-div")
+    if cfg.loss.r != "real-and-fake":
+        differences.append(f"ours takes the penalty at loss.r={cfg.loss.r}, the reference at the real and fake samples")
+    if precision in ("bf16", "fp16"):
+        differences.append(f"ours runs in {precision}, the reference in fp32")
+    return differences
+
+
 def benchmark(args: argparse.Namespace) -> dict:
     """Everything bench_step.py measures, as one dict (the JSON it prints)."""
     started = time.perf_counter()
@@ -431,6 +451,8 @@ def benchmark(args: argparse.Namespace) -> dict:
             "batch_size": cfg.train.batch_size,
             "n_critic": cfg.train.n_critic,
             "loss_every": cfg.loss.every,
+            "reference_loss_every": None if args.no_reference else cfg.loss.every,
+            "math_differences": math_differences(cfg, precision),
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
@@ -443,6 +465,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         if reference is not None:
             reference.run(args.warmup)
         result.update(throughput_rounds(loop, reference, args.steps, args.rounds))
+        result["like_for_like"] = None if reference is None else not result["math_differences"]
         result.update(measure_breakdown(loop, args.steps))
         peak = peak_tflops(name, precision, args.peak_tflops)
         achieved = None if result["flops_per_image"] is None else result["flops_per_image"] * result["img_per_s"]
@@ -472,6 +495,12 @@ def summary(result: dict) -> str:
     """The human-readable report."""
     r = result
     gflop = lambda key: r[key] and r[key] / 1e9  # noqa: E731
+    if r["like_for_like"] is None:
+        math = "n/a"
+    elif r["like_for_like"]:
+        math = "identical math: same models, data, batch, loss.r and loss.every"
+    else:
+        math = "NOT like for like: " + "; ".join(r["math_differences"])
     lines = [
         f"bench_step: {r['config']} {' '.join(r['overrides'])}".rstrip(),
         f"  device      {r['device']} ({r['device_name']}), {r['precision']}, torch {r['torch_version']}",
@@ -480,8 +509,7 @@ def summary(result: dict) -> str:
         f"  ours        {_fmt(r['img_per_s'])} real img/s, {_fmt(r['iteration_ms'])} ms per iteration",
         f"  reference   {_fmt(r['reference_img_per_s'])} real img/s, {_fmt(r['reference_iteration_ms'])} ms per "
         f"iteration",
-        f"  ratio       {_fmt(r['ratio'], 'x', 2)} (ours / reference); the reference does "
-        f"{_fmt(r['flops_ratio'], 'x', 2)} our FLOPs per image",
+        f"  ratio       {_fmt(r['ratio'], 'x', 2)} (ours / reference; {math}); the reference does {_fmt(r['flops_ratio'], 'x', 2)} our FLOPs per image",
         f"  critic step {_fmt(r['critic_step_ms'], '', 2)} ms; penalised {_fmt(r['critic_step_penalised_ms'], '', 2)} "
         f"vs no penalty {_fmt(r['critic_step_no_penalty_ms'], '', 2)} ms: x{_fmt(r['penalty_cost_ratio'], '', 2)}",
         f"  G step      {_fmt(r['generator_step_ms'], ' ms', 2)}; data {_fmt(r['data_ms'], ' ms', 2)} per batch; "

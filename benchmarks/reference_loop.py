@@ -18,6 +18,11 @@ through G for nothing (fault 1), the generator step reuses the critic step's z a
 is the batch index modulo n_critic (fault 3), and nothing handles mixed precision (fault 4). Adam uses PyTorch's
 default implementation choice (no `fused`), betas (0.5, 0.999) as in PyTorch-GAN, and the config's learning rates.
 
+`every=n > 1` is the same loop with the lazy penalty (StyleGAN2's lazy regularisation): the penalty is taken on every
+n-th critic step (batch index i % n == 0) with k multiplied by n, and the other critic steps are the loop above
+without the penalty (no `requires_grad_` on the real batch, no `autograd.grad`). It exists so that a speed ratio
+compares identical math when our config sets `loss.every > 1`; `every=1` is the original.
+
 Two deliberate departures, both in the baseline's favour so that our measured speed-up is not inflated: z is drawn
 with `torch.randn` on the device (the original draws it with NumPy on the host and copies it over), and nothing is
 printed or saved (the original prints `d_loss.item()` and `g_loss.item()` at every generator step and saves a grid
@@ -53,9 +58,10 @@ class ReferenceLoop:
         k: float = 2.0,
         p: float = 6.0,
         read_losses: bool = False,
+        every: int = 1,
     ):
         self.generator, self.critic = generator, critic
-        self.z_dim, self.n_critic, self.k, self.p = z_dim, n_critic, k, p
+        self.z_dim, self.n_critic, self.k, self.p, self.every = z_dim, n_critic, k, p, every
         self.device, self.read_losses = torch.device(device), read_losses
         # The default implementation choice (no fused=...), as in the user's code.
         self.optimizer_G = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=REFERENCE_BETAS)
@@ -68,13 +74,24 @@ class ReferenceLoop:
         """Per-sample ||g||^p = (sum over C, H, W of g^2) ** (p/2), as written in the original."""
         return grad.view(grad.size(0), -1).pow(2).sum(1) ** (self.p / 2)
 
-    def critic_step(self, real: torch.Tensor) -> None:
-        """One critic update on batch `real`; the penalty's double backward runs through G (fault 1, kept)."""
-        real = real.requires_grad_(True)
+    def critic_step(self, real: torch.Tensor, penalised: bool = True) -> None:
+        """One critic update on batch `real`; the penalty's double backward runs through G (fault 1, kept).
+
+        `penalised=False` (the lazy variant's steps between penalties): the same update without the penalty.
+        """
+        if penalised:
+            real = real.requires_grad_(True)
         z = torch.randn(real.shape[0], self.z_dim, device=self.device)
         fake = self.generator(z)  # not detached
         real_validity = self.critic(real)
         fake_validity = self.critic(fake)
+        if not penalised:
+            d_loss = -torch.mean(real_validity) + torch.mean(fake_validity)
+            self.optimizer_D.zero_grad()
+            d_loss.backward(retain_graph=True)  # the generator step reuses fake's graph (fault 2, kept)
+            self.optimizer_D.step()
+            self.fake, self.d_loss = fake, d_loss
+            return
         real_grad_out = torch.ones_like(real_validity)
         real_grad = torch.autograd.grad(
             real_validity, real, real_grad_out, create_graph=True, retain_graph=True, only_inputs=True
@@ -83,7 +100,8 @@ class ReferenceLoop:
         fake_grad = torch.autograd.grad(
             fake_validity, fake, fake_grad_out, create_graph=True, retain_graph=True, only_inputs=True
         )[0]
-        div_gp = (torch.mean(self.grad_norm_p(real_grad)) + torch.mean(self.grad_norm_p(fake_grad))) * self.k / 2
+        k = self.k * self.every  # the lazy variant's penalty weight (every=1: the original's k)
+        div_gp = (torch.mean(self.grad_norm_p(real_grad)) + torch.mean(self.grad_norm_p(fake_grad))) * k / 2
         d_loss = -torch.mean(real_validity) + torch.mean(fake_validity) + div_gp
         self.optimizer_D.zero_grad()
         d_loss.backward(retain_graph=True)  # keeps G's graph alive for the generator step (fault 2, kept)
@@ -107,7 +125,7 @@ class ReferenceLoop:
         (whose batch index restarts every epoch: fault 3, irrelevant to speed).
         """
         for i in range(start, start + iterations * self.n_critic):
-            self.critic_step(next_real(i))
+            self.critic_step(next_real(i), penalised=i % self.every == 0)
             if i % self.n_critic == 0:
                 self.generator_step()
         self.fake = None  # release the last graph

@@ -39,6 +39,16 @@ def test_bench_step_prints_one_json_object_with_positive_measurements():
     assert result["mfu"] is None or result["mfu"] > 0  # no peak FLOP/s is known for a CPU unless given
     assert (result["device"], result["batch_size"], result["steps"]) == ("cpu", 16, 1)
     assert result["n_critic"] == 3 and result["precision"] == "fp32"
+    # The demo's lazy penalty on both sides: the headline ratio compares identical math.
+    assert (result["loss_every"], result["reference_loss_every"]) == (2, 2)
+    assert result["like_for_like"] is True and result["math_differences"] == []
+
+
+def test_a_ratio_at_different_math_says_so():
+    cfg = bench_step.load_config(REPO / "configs" / "demo.yaml", ["loss.r=real-fake-interp"])
+    differences = bench_step.math_differences(cfg, "bf16")
+    assert len(differences) == 2 and "loss.r=real-fake-interp" in differences[0] and "bf16" in differences[1]
+    assert bench_step.math_differences(bench_step.load_config(REPO / "configs" / "demo.yaml", []), "fp32") == []
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +58,11 @@ def tiny_trainer(tmp_path_factory):
     return trainer, bench_step.initial_weights(trainer)
 
 
-def reference_for(trainer, weights) -> ReferenceLoop:
+def reference_for(trainer, weights, every: int = 1) -> ReferenceLoop:
     cfg = trainer.cfg
     generator, critic = bench_step.reference_models(cfg, weights, trainer.device)
     return ReferenceLoop(generator, critic, cfg.model.z_dim, cfg.train.n_critic, cfg.train.lr_g, cfg.train.lr_d,
-                         trainer.device, cfg.loss.k, cfg.loss.p)  # fmt: skip
+                         trainer.device, cfg.loss.k, cfg.loss.p, every=every)  # fmt: skip
 
 
 def test_reference_critic_step_runs_the_penalty_graph_through_g_and_ours_does_not(tiny_trainer):
@@ -69,6 +79,28 @@ def test_reference_critic_step_runs_the_penalty_graph_through_g_and_ours_does_no
 
     trainer.steps.critic_step(real.clone(), 0)
     assert all(p.grad is None for p in trainer.generator_module.parameters())
+
+
+def test_the_lazy_reference_takes_k_times_every_on_every_nth_step_and_no_penalty_between(tiny_trainer):
+    trainer, weights = tiny_trainer
+    real = trainer.batches.next(0)
+
+    def critic_loss(every: int, penalised: bool) -> float:
+        reference = reference_for(trainer, weights, every=every)
+        torch.manual_seed(3)  # the same z every time
+        reference.critic_step(real.clone(), penalised=penalised)
+        return reference.d_loss.item()
+
+    adversarial, eager, lazy = critic_loss(2, False), critic_loss(1, True), critic_loss(2, True)
+    assert eager - adversarial > 0  # same weights and z: the difference is the penalty
+    assert lazy - adversarial == pytest.approx(2 * (eager - adversarial), rel=1e-4)
+
+    flags = []
+    reference = reference_for(trainer, weights, every=2)
+    reference.critic_step = lambda batch, penalised: flags.append(penalised)
+    reference.generator_step = lambda: None
+    reference.run(lambda i: real, iterations=3, start=0)
+    assert flags == [i % 2 == 0 for i in range(3 * trainer.cfg.train.n_critic)]
 
 
 def test_lever_variants_compute_the_product_critic_loss(tiny_trainer):
