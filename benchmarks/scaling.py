@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,7 +132,9 @@ def reducer_buckets(module, loss_of, inputs_of, passes: int = 3) -> list[int]:
     if owned:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        ddp = DistributedDataParallel(module, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.14's notice about broadcast_buffers (see trainer/distributed.py)
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = DistributedDataParallel(module, broadcast_buffers=False)
         for _ in range(passes):
             loss_of(ddp(inputs_of())).backward()
         data = ddp._get_ddp_logging_data()
