@@ -22,7 +22,7 @@ TIMED = ("iteration_ms", "img_per_s", "critic_step_ms", "generator_step_ms", "cr
 @pytest.mark.slow
 def test_scaling_smoke_run_prints_sizes_timings_and_predictions():
     command = [sys.executable, "benchmarks/scaling.py", "--configs", "configs/demo.yaml", "--model-config",
-               "configs/demo.yaml", *SMOKE, "--steps", "1", "--warmup", "1", "--json"]  # fmt: skip
+               "configs/demo.yaml", *SMOKE, "--steps", "1", "--warmup", "1", "--rounds", "1", "--json"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
