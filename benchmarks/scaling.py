@@ -24,7 +24,9 @@ Per config it reports:
 - model: predicted img/s and efficiency of ffhq64 on 1, 8, 32 and 64 GPUs at global batch 64 and 512, for
   NVLink, InfiniBand and 10 GbE (see `predict`, whose assumptions the README section states). The single-GPU
   anchor is an input (`--anchor FILE`: a bench_step.py --json output on ffhq64); the default is the H100 figures
-  measured with bench_step.py (ANCHORS).
+  measured with bench_step.py (ANCHORS). The model's sizes come from --model-config (ffhq64), with the command
+  line's overrides when that config is also among --configs (the smoke test's tiny sizes), at its true size
+  otherwise.
 
 --json prints one JSON object; --out DIR writes DIR/scaling.json and DIR/scaling.md (the tables).
 """
