@@ -133,3 +133,33 @@ def test_small_data_benchmark_trains_scores_and_writes_its_table_and_grids(tmp_p
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 4 and "translation + cutout" in table[3]
     assert (out / "grids.png").stat().st_size > 0
+
+
+def test_time_to_quality_trains_each_side_scores_its_marks_and_writes_the_json_and_the_plot(tmp_path):
+    command = [sys.executable, "benchmarks/time_to_quality.py", "--config", "configs/demo.yaml", *SMOKE, "--seconds",
+               "1", "--marks", "1", "--num-images", "16", "--every", "1,2", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "time_to_quality.json").read_text())
+    assert list(result["sides"]) == ["reference", "ours every=1", "ours every=2"]
+    for name, side in result["sides"].items():
+        points = side["points"]
+        assert points[0]["seconds"] == 0 and points[-1]["seconds"] >= 1 and points[-1]["iterations"] >= 1
+        assert all(p["swd"] > 0 for p in points), name
+        if side["kind"] == "ours":
+            assert all(p["swd_raw"] > 0 for p in points)
+    # The target is the reference's final score, which the reference reaches by definition.
+    assert result["target"] == result["sides"]["reference"]["points"][-1]["swd"]
+    assert result["seconds_to_target"]["reference"] is not None
+    assert result["speedup"]["reference"] in (1.0, None)  # None: already there at 0 s (untrained, tiny sizes)
+    assert (tmp_path / "time_to_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reaches the target" in done.stdout
+
+
+def test_seconds_to_target_interpolates_between_marks():
+    from benchmarks.time_to_quality import seconds_to
+
+    points = [{"seconds": 0, "swd": 100.0}, {"seconds": 10, "swd": 60.0}, {"seconds": 20, "swd": 20.0}]
+    assert seconds_to(points, "swd", 40.0) == pytest.approx(15.0)
+    assert seconds_to(points, "swd", 60.0) == 10
+    assert seconds_to(points, "swd", 10.0) is None
