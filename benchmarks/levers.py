@@ -18,9 +18,11 @@ code is never edited.
     i  TF32 matmuls and convolutions (train.tf32)                    vs  full fp32 (CUDA)
     j  torch.compile of G (train.compile_g)                          vs  eager G (CUDA)
     k  cudnn.benchmark (set by the trainer)                          vs  off (CUDA)
+    l  torch.compile of D for steps without a penalty                vs  eager D (CPU and CUDA; both sides with
+       (train.compile_d)                                                 loss.every=max(config's, 2))
 
 Levers a-e and k share one Trainer and alternate on/off for --lever-rounds rounds (the best round counts: other
-processes may share the machine); f-j build one Trainer per side, as their settings are fixed at build time.
+processes may share the machine); f-j and l build one Trainer per side, as their settings are fixed at build time.
 """
 
 from __future__ import annotations
@@ -325,7 +327,7 @@ def cpu_has_bf16() -> bool:
 
 
 def built_levers(args: argparse.Namespace, run_dir: Path, plan: Plan) -> list[dict]:
-    """Levers f-j, each side on its own freshly built Trainer."""
+    """Levers f-j and l, each side on its own freshly built Trainer."""
     cuda = plan.device.type == "cuda"
     rows = []
     if args.skip_bf16:
@@ -359,7 +361,18 @@ def built_levers(args: argparse.Namespace, run_dir: Path, plan: Plan) -> list[di
     on, off = ["train.channels_last=true"], ["train.channels_last=false"]
     rows.append(measured("h", "channels_last", "on", "off",
                          lambda: built_pair(args, run_dir / "h", on, off, plan, plan.warmup)))  # fmt: skip
+    # Inductor also writes C++ kernels for the CPU, so compiling D is measured everywhere.
+    rows.append(measured("l", "torch.compile of D, no penalty", "on", "off",
+                         lambda: compile_d_lever(args, run_dir / "l", plan)))  # fmt: skip
     return sorted(rows, key=lambda r: r["lever"])
+
+
+def compile_d_lever(args: argparse.Namespace, run_dir: Path, plan: Plan) -> tuple[float, float]:
+    """Lever l: the critic steps without a penalty through a compiled D vs eager D. Both sides take the penalty
+    every max(loss.every, 2) steps, so that there are such steps; the penalty steps are eager on both."""
+    every = f"loss.every={max(build_cfg(args, run_dir).loss.every, 2)}"
+    on, off = [every, "train.compile_d=true"], [every, "train.compile_d=false"]
+    return built_pair(args, run_dir, on, off, plan, max(plan.warmup, 3))  # the first unpenalised steps compile
 
 
 def data_lever(args: argparse.Namespace, cfg, work_dir: Path, workers: int, plan: Plan) -> tuple[float, float]:
@@ -377,7 +390,7 @@ def build_cfg(args: argparse.Namespace, run_dir: Path):
 
 
 def run_levers(args: argparse.Namespace, work_dir: Path, device: torch.device) -> list[dict]:
-    """All levers as rows {lever, name, on, off, on_img_per_s, off_img_per_s, speedup, status}, sorted a-k.
+    """All levers as rows {lever, name, on, off, on_img_per_s, off_img_per_s, speedup, status}, sorted a-l.
 
     `device` is the one the trainer runs on (bench_step's main measurement found it).
     """

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import bench_step
+from benchmarks import bench_step, levers
 from benchmarks.levers import FakesWithGrad, SeparateForwards, clone_steps
 from benchmarks.reference_loop import ReferenceLoop
 from tests.support import REPO, TINY, child_env
@@ -116,6 +116,16 @@ def test_lever_variants_compute_the_product_critic_loss(tiny_trainer):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses[2], losses[0], rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in trainer.generator_module.parameters())  # FakesWithGrad drops G's grads
+
+
+@pytest.mark.parametrize("every, expected", [(1, 2), (2, 2), (4, 4)])
+def test_compile_d_lever_compares_like_with_like_and_has_unpenalised_steps(tmp_path, monkeypatch, every, expected):
+    sides = []
+    monkeypatch.setattr(levers, "built_pair", lambda args, run_dir, on, off, plan, warmup: sides.extend([on, off]))
+    args = bench_step.parse_args(["--config", str(REPO / "configs/demo.yaml"), f"loss.every={every}"])
+    levers.compile_d_lever(args, tmp_path, levers.Plan(3, 1, 1, torch.device("cpu")))
+    assert sides == [[f"loss.every={expected}", "train.compile_d=true"],
+                     [f"loss.every={expected}", "train.compile_d=false"]]  # fmt: skip
 
 
 @pytest.mark.slow

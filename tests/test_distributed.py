@@ -34,12 +34,15 @@ PROBE = str(REPO / "tests" / "scripts" / "step_probe.py")
 # them by ~15%, so an absolute tolerance of 1e-5 is meaningful and the penalty's reduction is exercised.
 PROBE_OVERRIDES = ["model.d_norm=none", "loss.p=2", "loss.k=20"]
 SITES = ("real-fake-interp", "within-interp", "mixed-interp", "real-and-fake", "fake", "real")
+# The probe's critic step without a penalty (demo.yaml has loss.every=2), compiled in the "compiled" probe.
+STEPS = (*SITES, "unpenalised")
+COMPILE_D = ["train.compile_d=true"]
 
 
-@pytest.fixture(scope="module", params=["plain", "augmented"])
+@pytest.fixture(scope="module", params=["plain", "augmented", "compiled"])
 def probe(tmp_path_factory, request):
-    out = tmp_path_factory.mktemp("probe")
-    extra = AUGMENTED if request.param == "augmented" else []
+    out = tmp_path_factory.mktemp(f"probe-{request.param}-")
+    extra = {"plain": [], "augmented": AUGMENTED, "compiled": COMPILE_D}[request.param]
     for nproc in (1, 2):
         command = [*launch_command(PROBE, nproc), str(out), str(out / f"run{nproc}"), *PROBE_OVERRIDES, *extra]
         done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
@@ -51,7 +54,7 @@ def max_abs_diff(a: dict, b: dict, site: str) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a if k.startswith(site + "/"))
 
 
-@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("site", STEPS)
 def test_critic_gradients_on_two_ranks_equal_the_full_batch_gradient(probe, site):
     assert json.loads((probe / "report_1.json").read_text())["world_size"] == 1
     assert json.loads((probe / "report_2.json").read_text())["world_size"] == 2
@@ -61,7 +64,7 @@ def test_critic_gradients_on_two_ranks_equal_the_full_batch_gradient(probe, site
     assert max_abs_diff(single, double, site) <= 1e-5
 
 
-@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("site", STEPS)
 def test_the_comparison_catches_a_missing_all_reduce(probe, site):
     single = load_file(str(probe / "critic_grads_1.safetensors"))
     broken = load_file(str(probe / "critic_grads_broken_2.safetensors"))  # each rank kept its own gradient
@@ -74,8 +77,15 @@ def test_the_penalty_changes_the_gradients_being_compared(probe):
     assert max_abs_diff(single, {k.replace("real-and-fake/", "fake/"): v for k, v in single.items()}, "fake") > 1e-2
 
 
-def test_critic_step_all_reduces_d_exactly_once_and_not_g(probe):
-    report = json.loads((probe / "report_2.json").read_text())["critic_step"]
+def test_only_the_compiled_probe_compiles_d(probe):
+    for world in (1, 2):
+        report = json.loads((probe / f"report_{world}.json").read_text())
+        assert report["compiled_d"] is probe.name.startswith("probe-compiled-"), world
+
+
+@pytest.mark.parametrize("step", ["critic_step", "critic_step_unpenalised"])
+def test_critic_step_all_reduces_d_exactly_once_and_not_g(probe, step):
+    report = json.loads((probe / "report_2.json").read_text())[step]
     assert report["d_round"] >= 1
     assert report["d_calls"] == report["d_round"]  # one all-reduce round: every bucket of D once
     assert report["g_calls"] == 0  # fakes are generated without G's DDP wrapper
@@ -95,10 +105,11 @@ def relative_gap(run_1, run_2, name: str, iteration: int) -> float:
     return ((checkpoint_weights(run_2, iteration, name) - final_1).norm() / step).item()
 
 
-@pytest.mark.parametrize("augmentation", ["plain", "adaptive"])
+@pytest.mark.parametrize("augmentation", ["plain", "adaptive", "compiled"])
 def test_two_processes_train_the_same_weights_as_one(tmp_path, augmentation):
+    # loss.every=2 (demo.yaml): with compile_d, critic steps 1, 3 and 5 run the compiled D
     overrides = ["train.iterations=3", "train.n_critic=2", "checkpoint.every=1", "checkpoint.keep=5"]
-    overrides += ADAPTIVE if augmentation == "adaptive" else []
+    overrides += {"plain": [], "adaptive": ADAPTIVE, "compiled": COMPILE_D}[augmentation]
     for nproc in (1, 2):
         done = run_trainer(tmp_path / f"p{nproc}", *overrides, nproc=nproc)
         assert done.returncode == 0, done.stdout

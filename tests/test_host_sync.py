@@ -38,7 +38,14 @@ def png_folder(path, count: int = 40):
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize(
     "precision, source",
-    [("no", "array"), ("no", "folder"), ("fp16", "array"), ("no", "array-augmented"), ("fp16", "folder-augmented")],
+    [
+        ("no", "array"),
+        ("no", "folder"),
+        ("fp16", "array"),
+        ("no", "array-augmented"),
+        ("fp16", "folder-augmented"),
+        ("no", "array-compiled"),
+    ],
 )
 def test_iterations_never_read_a_device_value(tmp_path, monkeypatch, precision, source):
     if torch.cuda.is_available():
@@ -47,6 +54,8 @@ def test_iterations_never_read_a_device_value(tmp_path, monkeypatch, precision, 
     if source.endswith("augmented"):  # every transform, with the adaptive p adjusted every iteration
         overrides += ["augment.policy=[color,translation,cutout,xflip,rotate90,int_translation]",
                       "augment.target=0.5", "augment.interval=1", "augment.heldout=8"]  # fmt: skip
+    if source.endswith("compiled"):  # the unpenalised critic steps run a compiled D (it compiles in the warm-up)
+        overrides += ["train.compile_d=true"]
     if source.startswith("folder"):
         overrides += [f"data.source={png_folder(tmp_path / 'images')}", "data.workers=2"]
     trainer = build(tmp_path, monkeypatch, precision, *overrides)

@@ -209,7 +209,15 @@ class TrainConfig:
         "with oneDNN.",
     )
     compile_g: bool = setting(
-        False, "torch.compile the generator (the critic cannot be compiled: no double backward in AOTAutograd)."
+        False,
+        "torch.compile the generator (the critic's penalty steps cannot be compiled: no double backward in "
+        "AOTAutograd; see compile_d).",
+    )
+    compile_d: bool = setting(
+        False,
+        "torch.compile the critic for the critic steps without a penalty (all but every loss.every-th); the "
+        "penalty steps stay eager (no double backward in AOTAutograd). Same parameters, so it helps only when "
+        "loss.every > 1.",
     )
     sync_batchnorm: bool = setting(
         False,

@@ -47,7 +47,8 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", ""):
         warnings.warn(
             "ignoring the launcher's --dynamo_backend: the critic's double backward cannot be compiled; "
-            "set train.compile_g=true to compile the generator.",
+            "set train.compile_g=true to compile the generator and train.compile_d=true to compile the critic "
+            "for its steps without a penalty (loss.every > 1).",
             stacklevel=2,
         )
     ddp = DistributedDataParallelKwargs(

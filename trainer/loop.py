@@ -348,11 +348,20 @@ class Trainer:
         )
 
     def build_nets(self, generator, critic) -> Nets:
-        acc, fakes = self.accelerator, None
-        if self.cfg.train.compile_g:
+        acc, cfg, fakes, unpenalised = self.accelerator, self.cfg, None, None
+        if cfg.train.compile_g:
             fakes = torch.compile(self.generator_module)
             generator = torch.compile(generator)
-        return Nets(generator, critic, self.generator_module, acc.unwrap_model(critic), fakes)
+        if cfg.train.compile_d and cfg.loss.every == 1:
+            self.note("train.compile_d: every critic step has a penalty (loss.every = 1), so D stays eager.")
+        elif cfg.train.compile_d:
+            # The DDP wrapper itself is compiled: its forward stays eager (it prepares the reducer), the inner
+            # critic is compiled, and the one ordinary backward fires DDP's hooks, so D is all-reduced once as in
+            # the eager step. Penalty steps keep the eager `critic` (no double backward in AOTAutograd).
+            unpenalised = torch.compile(critic)
+        return Nets(
+            generator, critic, self.generator_module, acc.unwrap_model(critic), fakes, critic_unpenalised=unpenalised
+        )
 
     def build_batches(self) -> RealBatches:
         cfg, acc = self.cfg, self.accelerator

@@ -5,6 +5,10 @@ The rules these steps keep (see ../shared/reference/wgan-div.md, "Known traps"):
   all-reduce); ONE forward of the DDP-wrapped critic on [real; fake (; penalty points)]; the penalty's gradient
   is `autograd.grad` w.r.t. that INPUT with create_graph=True, which fires none of DDP's parameter hooks; then
   ONE ordinary backward of (adversarial loss + penalty), so DDP all-reduces D's gradients exactly once.
+- Critic steps without a penalty (lazy regularisation, loss.every > 1) may run D compiled (train.compile_d):
+  `torch.compile` of the same DDP-wrapped critic, so the parameters, the one forward and the one backward, and
+  DDP's single all-reduce are those of the eager step. Penalty steps stay eager: AOTAutograd has no double
+  backward.
 - Generator step: D's unwrapped module with its parameters frozen, so D is neither all-reduced nor given
   gradients; G's DDP wrapper all-reduces G once.
 - Every random draw comes from (seed, stream, step) for the GLOBAL batch, and each rank keeps its rows, so N
@@ -42,6 +46,8 @@ class Nets:
     """The prepared (possibly DDP-wrapped) networks and their plain modules.
 
     `generator_fakes` generates the critic step's fakes: the plain G, or its compiled version (train.compile_g).
+    `critic_unpenalised` runs the critic steps without a penalty: `critic`, or its compiled version
+    (train.compile_d), which shares its parameters and its DDP wrapper.
     """
 
     generator: nn.Module
@@ -49,10 +55,13 @@ class Nets:
     generator_core: nn.Module
     critic_core: nn.Module
     generator_fakes: nn.Module | None = None
+    critic_unpenalised: nn.Module | None = None
 
     def __post_init__(self):
         if self.generator_fakes is None:
             self.generator_fakes = self.generator_core
+        if self.critic_unpenalised is None:
+            self.critic_unpenalised = self.critic
 
 
 def grad_norm(parameters) -> torch.Tensor:
@@ -200,7 +209,8 @@ class TrainingSteps:
                 critic_in = torch.cat([real, fake]).contiguous(memory_format=self.memory_format)
 
         with record_function("critic_forward"):
-            critic_out = self.nets.critic(critic_in)
+            critic = self.nets.critic if penalise else self.nets.critic_unpenalised
+            critic_out = critic(critic_in)
             d_real, d_fake = critic_out[:b], critic_out[b : 2 * b]
             loss = losses.critic_adversarial_loss(d_real, d_fake)
         stats = {

@@ -4,9 +4,11 @@
     torchrun --nproc_per_node 2 tests/scripts/step_probe.py OUT_DIR RUN_DIR ...  # two processes
 
 For every penalty site r it computes the critic step's gradients of D from the same initial weights and the
-same global batch and saves them (rank 0) to OUT_DIR/critic_grads_<world>.safetensors. With several processes it
-also saves the gradients of a deliberately broken variant (DDP's all-reduce skipped with no_sync) and counts
-DDP communication-hook calls: during the critic step, and during the generator step for both D and G.
+same global batch and saves them (rank 0) to OUT_DIR/critic_grads_<world>.safetensors, and those of a critic step
+without a penalty (critic step 1 with loss.every > 1; a compiled D with train.compile_d) under "unpenalised/".
+With several processes it also saves the gradients of a deliberately broken variant (DDP's all-reduce skipped
+with no_sync) and counts DDP communication-hook calls: during both kinds of critic step, and during the
+generator step for both D and G.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from support import tiny_config
 
 from trainer.loop import Trainer
 from trainer.losses import PENALTY_SITES
+
+UNPENALISED = "unpenalised"  # the key prefix of the critic step without a penalty
 
 
 def counting_hook(counter: list[int]):
@@ -52,22 +56,25 @@ def main() -> None:
 
     def critic_grads(site: str, broken: bool = False) -> dict[str, torch.Tensor]:
         nets.critic_core.load_state_dict(initial)
-        steps.loss_cfg = dataclasses.replace(cfg.loss, r=site)
+        step = 1 if site == UNPENALISED else 0  # step 0 is penalised for every loss.every, step 1 only for 1
+        steps.loss_cfg = dataclasses.replace(cfg.loss, r=cfg.loss.r if site == UNPENALISED else site)
         if broken:
             with nets.critic.no_sync():
-                steps.critic_step(real, 0)
+                steps.critic_step(real, step)
         else:
-            steps.critic_step(real, 0)
+            steps.critic_step(real, step)
         grads = {f"{site}/{name}": p.grad.detach().contiguous() for name, p in nets.critic_core.named_parameters()}
         nets.critic_core.zero_grad(set_to_none=True)
         return grads
 
+    assert cfg.loss.every > 1, "the probe needs critic steps without a penalty"
     grads, broken = {}, {}
-    for site in PENALTY_SITES:
+    for site in (*PENALTY_SITES, UNPENALISED):
         grads.update(critic_grads(site))
         if world > 1:
             broken.update(critic_grads(site, broken=True))
-    report = {"world_size": world}
+    steps.loss_cfg = cfg.loss
+    report = {"world_size": world, "compiled_d": nets.critic_unpenalised is not nets.critic}
 
     if world > 1:
         d_calls, g_calls = [0], [0]
@@ -82,10 +89,11 @@ def main() -> None:
         nets.generator_core.zero_grad(set_to_none=True)
         d_calls[0] = g_calls[0] = 0
 
-        steps.critic_step(real, 0)
-        report["critic_step"] = {"d_calls": d_calls[0], "g_calls": g_calls[0], "d_round": d_round}
-        nets.critic_core.zero_grad(set_to_none=True)
-        d_calls[0] = g_calls[0] = 0
+        for key, step in (("critic_step", 0), ("critic_step_unpenalised", 1)):
+            steps.critic_step(real, step)
+            report[key] = {"d_calls": d_calls[0], "g_calls": g_calls[0], "d_round": d_round}
+            nets.critic_core.zero_grad(set_to_none=True)
+            d_calls[0] = g_calls[0] = 0
 
         sentinel = {name: torch.full_like(p, 7.0) for name, p in nets.critic_core.named_parameters()}
         for name, p in nets.critic_core.named_parameters():
