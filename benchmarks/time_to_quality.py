@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     metric = args.metrics[0]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="time_to_quality_") as tmp:
-        work, cache = Path(tmp), out / "cache"
+        work, cache = Path(tmp), Path(tmp) / "cache"  # real statistics, shared by the sides
         sides = {}
         if not args.no_reference:
             sides["reference"] = run_reference(args, work, cache)
