@@ -274,3 +274,13 @@ def test_after_a_skipped_lazy_penalty_step_d_waits_for_the_next_penalty_step(tmp
     for step in range(1, 12, 2):  # a step without the penalty runs only after a successful penalty step
         assert skipped[step] or not skipped[step - 1], skipped
     assert not all(skipped[2:]), skipped  # the hold ends (under fp16 once the scale lets the penalty through)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_the_logged_penalty_is_k_mean_norm_p_whatever_loss_every(tmp_path):
+    """The loss carries k * every * mean ||g||^p on every every-th step; the log shows k * mean ||g||^p."""
+    logged = {}
+    for every in (1, 4):
+        trainer = build(tmp_path / f"every{every}", f"loss.every={every}")
+        logged[every] = trainer.steps.critic_step(trainer.batches.next(0), 0).stats["loss/penalty"]
+    torch.testing.assert_close(logged[4], logged[1], rtol=1e-5, atol=0)

@@ -119,3 +119,22 @@ def test_console_prints_plain_lines_when_not_a_tty(offline_run):
     lines = [line for line in output.splitlines() if line.startswith("it ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
     assert all("img/s" in line and "W " in line for line in lines)
+
+
+def test_evaluations_print_their_own_line_and_append_to_metrics_jsonl_without_wandb(tmp_path):
+    """With W&B disabled nothing is lost: every evaluation is a line of run.dir/metrics.jsonl and of the console,
+    never a loss line of nans; a log window without a penalty step (loss.every=2, n_critic=1) shows "penalty -"."""
+    overrides = ("train.iterations=4", "log.every=1", "eval.every=2", "eval.metrics=[swd]", "eval.num_images=16",
+                 "train.n_critic=1", "loss.every=2", "checkpoint.every=100")  # fmt: skip
+    done = run_trainer(tmp_path, *overrides)
+    assert done.returncode == 0, done.stdout
+    evaluations = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evaluations] == [2, 4]
+    assert all(e["metrics/swd"] > 0 for e in evaluations)
+    lines = done.stdout.splitlines()
+    assert [line.split()[2] for line in lines if line.startswith("eval it ")] == ["2/4", "4/4"]
+    assert all(line.split()[3] == "swd" for line in lines if line.startswith("eval it "))
+    losses = [line for line in lines if line.startswith("it ")]
+    assert len(losses) == 4 and not any("nan" in line for line in losses), losses
+    # Critic steps 0, 2 take the penalty: iterations 1 and 3 show it, 2 and 4 have none to show.
+    assert [line.split("penalty ")[1].split()[0] == "-" for line in losses] == [False, True, False, True], losses

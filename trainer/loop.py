@@ -545,7 +545,7 @@ class Trainer:
                 # After the checkpoint, so that a failed evaluation loses no training; not when stopping (the
                 # grace period of a preemption is for the checkpoint).
                 if cfg.eval.every and state.iteration % cfg.eval.every == 0 and not stop:
-                    tracker.scalars(state.iteration, self.evaluate())
+                    tracker.metrics(state.iteration, self.evaluate())
                 tracker.advance(state.iteration)
                 if stop:
                     tracker.note(f"{self.signals.name or 'a signal'} received: checkpoint written at iteration "

@@ -224,7 +224,9 @@ class TrainingSteps:
                 input_grad = input_grad[penalty_rows]
                 penalty = losses.gradient_penalty(input_grad, cfg.name, cfg.k * cfg.every, cfg.p)
             loss = loss + penalty
-            stats["loss/penalty"] = penalty.detach()
+            # Logged as k * mean ||g||^p, without the lazy factor `every` that the loss carries, so that runs with
+            # different loss.every compare; averaged over the penalty steps of a log window only.
+            stats["loss/penalty"] = penalty.detach() / cfg.every
             if measure:
                 norms = losses.squared_norms(input_grad.detach()).sqrt()
                 stats["input_grad_norm/mean"], stats["input_grad_norm/max"] = norms.mean(), norms.max()

@@ -6,6 +6,7 @@ ranks with ONE all-reduce and read once per logging step.
 
 from __future__ import annotations
 
+import json
 import math
 import netrc
 import os
@@ -79,6 +80,9 @@ def save_png(array: np.ndarray, path: Path) -> None:
     temporary.replace(path)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class Tracker:
     """W&B and console output of the main process; every method is a no-op on the other ranks."""
 
@@ -132,10 +136,12 @@ class Tracker:
             return
         if self.run is not None:
             self.run.log({"iteration": iteration, **values})
+        # A window without a penalty step (loss.every > 1 with a short log.every) has no penalty to show: "-".
+        penalty = f"{values['loss/penalty']:.3f}" if "loss/penalty" in values else "-"
         summary = (
             f"it {iteration}/{self.total}  kimg {values.get('progress/kimg', 0):.1f}  "
             f"img/s {values.get('speed/img_per_s', 0):.0f}  W {values.get('wasserstein', math.nan):.3f}  "
-            f"penalty {values.get('loss/penalty', math.nan):.3f}  G {values.get('loss/generator', math.nan):.3f}"
+            f"penalty {penalty}  G {values.get('loss/generator', math.nan):.3f}"
         )
         if "augment/p" in values:
             summary += f"  augment p {values['augment/p']:.3f} r_v {values.get('augment/overfitting', math.nan):.2f}"
@@ -143,6 +149,23 @@ class Tracker:
             self.bar.set_postfix_str(summary.split("  ", 1)[1], refresh=False)
         else:
             print(summary, flush=True)
+
+    def metrics(self, iteration: int, values: dict[str, float]) -> None:
+        """An evaluation's metrics: to W&B, appended to run.dir/metrics.jsonl (one JSON object per evaluation, so
+        that nothing depends on W&B; after a resume an iteration may appear twice: the later line is the one that
+        counts), and printed on a line of their own."""
+        if not self.main:
+            return
+        if self.run is not None:
+            self.run.log({"iteration": iteration, **values})
+        with open(self.run_dir / METRICS_FILE, "a") as out:
+            out.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        shown = "  ".join(f"{key.removeprefix('metrics/')} {value:.4g}" for key, value in sorted(values.items()))
+        line = f"eval it {iteration}/{self.total}  {shown}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def images(self, iteration: int, grids: dict[str, np.ndarray]) -> None:
         if not self.main or self.run is None:
