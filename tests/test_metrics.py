@@ -501,3 +501,36 @@ def test_evaluate_cli_prints_one_json_object_and_reports_user_errors(tmp_path, c
     # 64 images: subsets of 32, so they differ and their spread is a real number (not rounding around 0)
     assert combined["metrics/kid_se"] > 1e-3 * abs(combined["metrics/kid"]) and combined["metrics/kid_se"] > 1e-9
     assert combined["metrics/swd"] == pytest.approx(result["metrics/swd"], rel=1e-4)
+
+
+def test_a_folder_source_is_keyed_by_its_files_so_replaced_images_are_not_served_stale_statistics(tmp_path):
+    from PIL import Image
+
+    from trainer.data import open_source
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    first = M.source_identity(open_source(str(folder), 16, 1), str(folder))
+    assert M.source_identity(open_source(str(folder), 16, 1), str(folder)) == first  # nothing changed: a cache hit
+    Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(folder / "2.png")  # same name, same count
+    stat = (folder / "2.png").stat()
+    os.utime(folder / "2.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = M.source_identity(open_source(str(folder), 16, 1), str(folder))
+    assert second["images"] == first["images"] and second != first
+    key = lambda data: M.cache_key("swd", data, 16, 1, 4, M.swd_identity())  # noqa: E731
+    assert M.cache_path(tmp_path, key(first)) != M.cache_path(tmp_path, key(second))
+
+
+@pytest.mark.slow
+def test_evaluate_under_a_two_process_launcher_refuses_once_instead_of_printing_the_json_twice(tmp_path):
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "trainer.evaluate",
+                           "--checkpoint", str(tmp_path)], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.returncode != 0 and done.stdout.strip() == ""  # no JSON at all
+    assert done.stderr.count("runs as one process, but a launcher started 2") == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr.split("runs as one process")[0]
