@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,13 +108,28 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(path), "iteration": iteration, "num_images": num_images, "ema": args.ema, **results}
 
 
+def refuse_a_multi_process_launch() -> None:
+    """Under `accelerate launch` / torchrun with several processes each would evaluate alone and print the same
+    JSON: one process, on the GPU it picks by itself, is what this command is."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UserError(
+            f"python -m trainer.evaluate runs as one process, but a launcher started {world} (WORLD_SIZE={world}): "
+            f"each would compute the same metrics and print the JSON again. Run it with plain `python -m "
+            f"trainer.evaluate --checkpoint ...`; it uses a GPU by itself (--device auto). Periodic evaluation "
+            f"during training (eval.every) is the distributed one: every process generates its share."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     plain_warnings()
     try:
+        refuse_a_multi_process_launch()
         args = parse_args(sys.argv[1:] if argv is None else argv)
         result = evaluate_checkpoint(args)
     except UserError as error:
-        report_user_error(error)
+        if os.environ.get("RANK", "0") in ("0", ""):  # once, not by every process of the launch
+            report_user_error(error)
         return USER_ERROR_EXIT_CODE
     print(json.dumps(result), flush=True)
     return 0
