@@ -431,6 +431,9 @@ def math_differences(cfg: Config, precision: str) -> list[str]:
         differences.append(f"ours takes the penalty at loss.r={cfg.loss.r}, the reference at the real and fake samples")
     if precision in ("bf16", "fp16"):
         differences.append(f"ours runs in {precision}, the reference in fp32")
+    if cfg.augment.policy:
+        policy = ", ".join(cfg.augment.policy)
+        differences.append(f"ours augments the critic's inputs ({policy}), the reference does not")
     return differences
 
 

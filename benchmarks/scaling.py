@@ -622,7 +622,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.floor_batch <= 0:
+        parser.error("--steps and --rounds must be at least 1, --warmup at least 0, --floor-batch positive")
+    if not (0 <= args.critic_overlap <= 1 and 0 <= args.generator_overlap <= 1):
+        parser.error("--critic-overlap and --generator-overlap are fractions between 0 and 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,6 +366,10 @@ finish() {  # on every exit: the final summary and figures, the tar of the scrat
   rm -rf "$WORK" "$WORK.tar.gz"
   echo
   cat "$RESULTS/summary.txt" 2>/dev/null
+  if [ -n "$ONLY" ] && [ "$NSTEP" -le 1 ] && [ -z "$STOPPED" ]; then
+    echo "gpu_check.sh: --only='$ONLY' matched no step besides setup (names: cuda-tests, run-CONFIG-P, eval-mnist32-bf16, bench-P-bB)" >&2
+    exit 2
+  fi
   if [ -n "$STOPPED" ]; then
     exit 130
   elif [ "$FAILED" = 0 ] && [ "$NSTEP" -gt 0 ] && [ "$code" = 0 ]; then

@@ -49,6 +49,8 @@ def test_a_ratio_at_different_math_says_so():
     differences = bench_step.math_differences(cfg, "bf16")
     assert len(differences) == 2 and "loss.r=real-fake-interp" in differences[0] and "bf16" in differences[1]
     assert bench_step.math_differences(bench_step.load_config(REPO / "configs" / "demo.yaml", []), "fp32") == []
+    augmented = bench_step.load_config(REPO / "configs" / "demo.yaml", ["augment.policy=[translation]"])
+    assert "augments" in bench_step.math_differences(augmented, "fp32")[0]
 
 
 @pytest.fixture(scope="module")

@@ -284,3 +284,18 @@ def test_the_logged_penalty_is_k_mean_norm_p_whatever_loss_every(tmp_path):
         trainer = build(tmp_path / f"every{every}", f"loss.every={every}")
         logged[every] = trainer.steps.critic_step(trainer.batches.next(0), 0).stats["loss/penalty"]
     torch.testing.assert_close(logged[4], logged[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_penalty_that_keeps_failing_stops_the_run_at_max_bad_steps_though_g_trains(tmp_path, monkeypatch):
+    """Every penalty step non-finite, the held steps between them skipped, every generator step fine: the run must
+    stop at max_bad_steps critic steps, not freeze D silently to the end."""
+    from trainer.loop import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "loss.every=2", "train.n_critic=2", "train.iterations=50",
+                                  "train.max_bad_steps=5", "checkpoint.every=1000"))  # fmt: skip
+    real_penalty = losses.gradient_penalty
+    monkeypatch.setattr(losses, "gradient_penalty", lambda *args: real_penalty(*args) * math.inf)
+    with pytest.raises(UserError, match=r"[56] consecutive critic steps \(D's penalty kept failing\)"):
+        trainer.train()  # read once per iteration of 2 critic steps: stops at the first read of 5 or more
+    assert trainer.state.iteration == 3

@@ -138,3 +138,14 @@ def test_evaluations_print_their_own_line_and_append_to_metrics_jsonl_without_wa
     assert len(losses) == 4 and not any("nan" in line for line in losses), losses
     # Critic steps 0, 2 take the penalty: iterations 1 and 3 show it, 2 and 4 have none to show.
     assert [line.split("penalty ")[1].split()[0] == "-" for line in losses] == [False, True, False, True], losses
+
+
+def test_a_metrics_file_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir(parents=True)  # stands in for a full disk: appending fails with an OSError
+    overrides = ("train.iterations=4", "eval.every=2", "eval.metrics=[swd]", "eval.num_images=16",
+                 "checkpoint.every=100")  # fmt: skip
+    done = run_trainer(tmp_path, *overrides)
+    assert done.returncode == 0 and "Traceback" not in done.stdout, done.stdout[-3000:]
+    assert done.stdout.count("cannot append to") == 1
+    assert len([line for line in done.stdout.splitlines() if line.startswith("eval it ")]) == 2
+    assert (tmp_path / "checkpoints" / "iter-0000004").is_dir()

@@ -50,6 +50,7 @@ class TrainingState:
     data_position: int = 0  # samples of the global data stream consumed
     skipped_steps: int = 0  # steps skipped for non-finite gradients (fp16 overflow included)
     bad_step_streak: int = 0  # consecutive skipped steps
+    critic_bad_streak: int = 0  # consecutive skipped critic steps (generator steps in between do not end it)
     augment_p: float | None = None  # the adapted augmentation probability (augment.target), None before any
     penalty_owed: bool = False  # the last lazy penalty step was skipped: D waits for the next one (steps.py)
     wandb_run_id: str | None = None
@@ -102,10 +103,15 @@ class SkipCounter:
     def __init__(self, state: TrainingState, device: torch.device):
         self.streak = torch.tensor(state.bad_step_streak, device=device)
         self.total = torch.tensor(state.skipped_steps, device=device)
+        # Critic steps alone: a D whose every step is skipped (a penalty that keeps overflowing, and the steps the
+        # lazy penalty's hold skips after it) while G's steps succeed would otherwise never reach max_bad_steps.
+        self.critic_streak = torch.tensor(state.critic_bad_streak, device=device)
 
-    def add(self, skipped: torch.Tensor) -> None:
+    def add(self, skipped: torch.Tensor, critic: bool = False) -> None:
         self.streak = torch.where(skipped, self.streak + 1, 0)
         self.total = self.total + skipped
+        if critic:
+            self.critic_streak = torch.where(skipped, self.critic_streak + 1, 0)
 
 
 class ControlChannel:
@@ -484,7 +490,7 @@ class Trainer:
             with phase("critic_step"):
                 result = self.steps.critic_step(real, state.critic_steps, measure=measure)
                 self.window.add(result.stats)
-                self.skips.add(result.skipped)
+                self.skips.add(result.skipped, critic=True)
             state.critic_steps += 1
             state.data_position = self.batches.position
         with phase("generator_step"):
@@ -501,7 +507,10 @@ class Trainer:
         state.iteration += 1
         with phase("control"):
             stop = torch.full((), float(self.signals.requested), device=self.device)  # a fill: no host copy
-            self.control.post(torch.stack([self.skips.streak.float(), self.skips.total.float(), stop]))
+            skips = self.skips
+            self.control.post(
+                torch.stack([skips.streak.float(), skips.critic_streak.float(), skips.total.float(), stop])
+            )
 
     def train(self) -> TrainingState:
         """Train to cfg.train.iterations: iterations, then log, sample, evaluate, checkpoint as scheduled."""
@@ -572,12 +581,15 @@ class Trainer:
         """
         if values is None:
             return False
-        streak, total, stop = values
+        streak, critic_streak, total, stop = values
         self.state.bad_step_streak, self.state.skipped_steps = int(streak), int(total)
-        if streak >= self.cfg.train.max_bad_steps:
+        self.state.critic_bad_streak = int(critic_streak)
+        if max(streak, critic_streak) >= self.cfg.train.max_bad_steps:
+            what = "steps" if streak >= critic_streak else "critic steps (D's penalty kept failing)"
             raise UserError(
-                f"Stopping at iteration {self.state.iteration}: {int(streak)} consecutive steps had non-finite "
-                f"gradients and were skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}). Nothing was "
+                f"Stopping at iteration {self.state.iteration}: {int(max(streak, critic_streak))} consecutive {what} "
+                f"had non-finite gradients and were skipped (train.max_bad_steps = {self.cfg.train.max_bad_steps}). "
+                f"Nothing was "
                 f"saved from the diverged state; the newest checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR} is "
                 f"intact. Lower lr_d/lr_g, raise loss.k, or use bf16 instead of fp16.",
                 agreed=True,

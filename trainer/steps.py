@@ -107,6 +107,7 @@ def hold_while_penalty_owed(parameters, owed: torch.Tensor) -> None:
     until a penalty step succeeds. Every rank holds the same flag (from all-reduced gradients).
     """
     grad = parameters[0].grad
+    owed = torch.as_tensor(owed, device=grad.device)
     grad.view(-1)[:1].add_(torch.where(owed, torch.inf, 0.0).to(grad.dtype))
 
 
@@ -242,7 +243,7 @@ class TrainingSteps:
                 hold_while_penalty_owed(self.critic_parameters, self.penalty_owed)
             skipped = self._update(self.opt_d, self.nets.critic_core, measure, "grad_norm/D", stats)
             if cfg.every > 1 and penalise:
-                self.penalty_owed = skipped
+                self.penalty_owed = torch.as_tensor(skipped, device=self.device)
         return StepResult(stats, skipped)
 
     def generator_step(self, iteration: int, measure: bool = False) -> StepResult:

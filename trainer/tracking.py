@@ -89,6 +89,7 @@ class Tracker:
     def __init__(self, accelerator, cfg, run_dir: Path, run_id: str | None, start_iteration: int):
         self.accelerator, self.cfg, self.run_dir = accelerator, cfg, Path(run_dir)
         self.main = accelerator.is_main_process
+        self.metrics_write_failed = False
         self.run = None
         self.run_id = run_id
         self.total = cfg.train.iterations
@@ -158,8 +159,14 @@ class Tracker:
             return
         if self.run is not None:
             self.run.log({"iteration": iteration, **values})
-        with open(self.run_dir / METRICS_FILE, "a") as out:
-            out.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        try:
+            with open(self.run_dir / METRICS_FILE, "a") as out:
+                out.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        except OSError as error:  # a full disk must not end the run: the metrics are also on the console (and W&B)
+            if not self.metrics_write_failed:
+                self.note(f"warning: cannot append to {self.run_dir / METRICS_FILE} ({error}); training goes on, "
+                          f"and evaluations are printed below.")  # fmt: skip
+            self.metrics_write_failed = True
         shown = "  ".join(f"{key.removeprefix('metrics/')} {value:.4g}" for key, value in sorted(values.items()))
         line = f"eval it {iteration}/{self.total}  {shown}"
         if self.bar is not None:
