@@ -67,7 +67,9 @@ def plain_warnings() -> None:
 
 
 def format_paragraph(message: str, width: int = 100) -> str:
-    return "\n".join(textwrap.wrap(" ".join(message.split()), width=width))
+    # Never inside a word: a path or key broken at a hyphen could not be copied back from the terminal.
+    words = " ".join(message.split())
+    return "\n".join(textwrap.wrap(words, width=width, break_on_hyphens=False, break_long_words=False))
 
 
 def process_rank() -> int:
