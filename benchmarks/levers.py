@@ -118,7 +118,7 @@ class SeparateForwards(TrainingSteps):
         stats = {"loss/critic_adversarial": loss.detach()}
         if penalised:
             grads = [losses.input_gradient(outputs[name], inputs[name], self.loss_scale()) for name in penalised]
-            penalty = losses.gradient_penalty(torch.cat(grads), cfg.name, cfg.k * cfg.every, cfg.p)
+            penalty = losses.gradient_penalty(torch.cat(grads), cfg.name, cfg.penalty_weight() * cfg.every, cfg.p)
             loss = loss + penalty
             stats["loss/penalty"] = penalty.detach()
         stats["loss/critic"] = loss.detach()

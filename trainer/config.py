@@ -55,7 +55,11 @@ def section(cls, help: str = ""):
 
 @dataclass
 class RunConfig:
-    dir: str = setting("runs/default", "Output directory: config.yaml, samples/, checkpoints/, the W&B run.")
+    dir: str = setting(
+        "runs/default",
+        "Output directory: config.yaml, samples/, checkpoints/, the W&B run. Under `wandb agent` (a W&B sweep), each "
+        "run writes to run.dir/<W&B run id>.",
+    )
     seed: int = setting(0, "Seed of every random stream (weights, data order, z, flips, penalty points).", min=0)
     name: str | None = setting(None, "Run name shown in W&B (default: the last part of run.dir).")
 
@@ -118,8 +122,14 @@ class LossConfig:
         "wgan-div (penalty k * E_r ||grad D||^p) or wgan-gp (penalty k * E_r (||grad D|| - 1)^2, the baseline).",
         choices=("wgan-div", "wgan-gp"),
     )
-    k: float = setting(2.0, "Penalty weight (WGAN-div k; WGAN-GP lambda, usually 10).", above=0)
+    k: float = setting(2.0, "Penalty weight (WGAN-div k; WGAN-GP lambda, usually 10, unless loss.gp_lambda).", above=0)
     p: float = setting(6.0, "Penalty power p > 1 (WGAN-div only).", above=1)
+    gp_lambda: float | None = setting(
+        None,
+        "WGAN-GP's penalty weight lambda (null: loss.k). With it one config or sweep holds both losses' weights "
+        "(k = 2 for wgan-div, lambda = 10 for wgan-gp).",
+        above=0,
+    )
     r: str = setting(
         "real-and-fake",
         "Where the penalty is taken (the paper's r(x)): real-fake-interp, "
@@ -132,6 +142,10 @@ class LossConfig:
         "scaled by n so the objective is unchanged in expectation. 1 = every step.",
         min=1,
     )
+
+    def penalty_weight(self) -> float:
+        """The weight of the penalty term: k, or lambda for wgan-gp when loss.gp_lambda is set."""
+        return self.gp_lambda if self.name == "wgan-gp" and self.gp_lambda is not None else self.k
 
 
 @dataclass
@@ -253,6 +267,7 @@ class WandbConfig:
     )
     project: str = setting("wgan-div", "W&B project.")
     entity: str | None = setting(None, "W&B entity (team or user); default: your default entity.")
+    group: str | None = setting(None, "W&B group of the run (the local sweep runner sets it to the sweep's name).")
 
 
 @dataclass
@@ -266,6 +281,9 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every: int = setting(0, "Evaluate the EMA generator every this many iterations (0 = only on demand).", min=0)
+    at_end: bool = setting(
+        False, "Evaluate once more when training reaches train.iterations (unless eval.every just did); sweeps set it."
+    )
     num_images: int = setting(10000, "Generated images per evaluation (and real images for the statistics).", min=2)
     metrics: list[str] = setting(
         ["swd"],

@@ -31,7 +31,7 @@ from trainer.ema import ema_beta, update_ema
 from trainer.errors import DataError, UserError, process_rank
 from trainer.randomness import Streams, stream_seed
 from trainer.steps import Nets, TrainingSteps
-from trainer.tracking import MetricWindow, Tracker, sample_grid, save_png
+from trainer.tracking import MetricWindow, Tracker, resolve_wandb_mode, sample_grid, save_png
 
 # DDP compares each gradient's strides with its bucket view; for D's final Linear (out_features = 1) the double
 # backward yields a gradient whose stride differs only along the size-1 dimension, a layout-equivalent false alarm.
@@ -197,6 +197,10 @@ class SpeedMeter:
     def __init__(self, iteration: int, images_per_iteration: int):
         self.iteration, self.images_per_iteration, self.time = iteration, images_per_iteration, time.perf_counter()
 
+    def restart(self, iteration: int) -> None:
+        """Measure from now on (after work that is not training, such as an evaluation)."""
+        self.iteration, self.time = iteration, time.perf_counter()
+
     def measure(self, iteration: int) -> tuple[float, float]:
         now = time.perf_counter()
         elapsed, iterations = now - self.time, max(iteration - self.iteration, 1)
@@ -212,7 +216,7 @@ class Trainer:
         self.signals = signals or StopSignals()  # installed by train(), or earlier by the caller
         self.streams = Streams(cfg.run.seed)
         # Only the main process (global rank 0) ever touches W&B.
-        use_wandb = cfg.log.wandb.mode != "disabled" and process_rank() == 0
+        use_wandb = resolve_wandb_mode(cfg.log.wandb.mode) != "disabled" and process_rank() == 0
         self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if use_wandb else None)
         self.device = acc.device
         with one_outcome(acc):  # a mistake found by any rank stops every rank, reported once
@@ -271,7 +275,8 @@ class Trainer:
         source = open_source(cfg.data.source, cfg.data.resolution, cfg.data.channels)
         from trainer.metrics import PR_NEIGHBOURS, load_inception, needs_inception
 
-        if cfg.eval.every and "pr" in cfg.eval.metrics and len(source) < PR_NEIGHBOURS + 1:
+        evaluates = cfg.eval.every or cfg.eval.at_end
+        if evaluates and "pr" in cfg.eval.metrics and len(source) < PR_NEIGHBOURS + 1:
             raise DataError(
                 f"data.source = '{cfg.data.source}' holds {len(source)} images; precision/recall (pr in "
                 f"eval.metrics) needs at least {PR_NEIGHBOURS + 1}. Drop pr from eval.metrics."
@@ -286,7 +291,7 @@ class Trainer:
                 f"({cfg.train.batch_size}); batches repeat images within an epoch boundary.",
                 stacklevel=2,
             )
-        if cfg.eval.every and needs_inception(cfg.eval.metrics):  # fail now, not at the first evaluation hours later
+        if evaluates and needs_inception(cfg.eval.metrics):  # fail now, not at the first evaluation hours later
             load_inception(cfg.eval.inception, self.device)  # loaded once per process, kept for the evaluations
         return source
 
@@ -536,6 +541,7 @@ class Trainer:
         last_checkpoint = state.iteration if self.resumed.path is not None else -1
         fault = os.environ.get(FAULT_ENV, "").split(":")
         started, first_iteration = time.perf_counter(), state.iteration
+        evaluated_at = None
         try:
             while state.iteration < cfg.train.iterations:
                 if fault == [str(acc.process_index), str(state.iteration)]:
@@ -555,6 +561,8 @@ class Trainer:
                 # grace period of a preemption is for the checkpoint).
                 if cfg.eval.every and state.iteration % cfg.eval.every == 0 and not stop:
                     tracker.metrics(state.iteration, self.evaluate())
+                    evaluated_at = state.iteration
+                    speed.restart(state.iteration)  # the next img/s measures training, not the evaluation
                 tracker.advance(state.iteration)
                 if stop:
                     tracker.note(f"{self.signals.name or 'a signal'} received: checkpoint written at iteration "
@@ -566,7 +574,10 @@ class Trainer:
                     self.checkpoint()
                 if state.iteration % cfg.log.samples_every != 0:
                     tracker.images(state.iteration, self.write_samples())
-                tracker.note(self.summary(started, first_iteration))
+                summary = self.summary(started, first_iteration)  # the training's speed, without the evaluation
+                if cfg.eval.at_end and evaluated_at != state.iteration:
+                    tracker.metrics(state.iteration, self.evaluate())
+                tracker.note(summary)
         finally:
             self.signals.restore()
             self.batches.close()

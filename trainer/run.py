@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            # Started by `wandb agent`: every run of the sweep gets its own directory (and resumes from it).
+            cfg.run.dir = str(Path(cfg.run.dir) / os.environ["WANDB_RUN_ID"])
         from trainer.loop import train
 
         train(cfg, resume=args.resume)

@@ -223,7 +223,7 @@ class TrainingSteps:
             with record_function("critic_penalty_grad"):
                 input_grad = losses.input_gradient(critic_out[penalty_rows], critic_in, self.loss_scale())
                 input_grad = input_grad[penalty_rows]
-                penalty = losses.gradient_penalty(input_grad, cfg.name, cfg.k * cfg.every, cfg.p)
+                penalty = losses.gradient_penalty(input_grad, cfg.name, cfg.penalty_weight() * cfg.every, cfg.p)
             loss = loss + penalty
             # Logged as k * mean ||g||^p, without the lazy factor `every` that the loss carries, so that runs with
             # different loss.every compare; averaged over the penalty steps of a log window only.

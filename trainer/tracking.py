@@ -58,8 +58,16 @@ def wandb_logged_in() -> bool:
 
 
 def resolve_wandb_mode(mode: str) -> str:
+    """`auto`: W&B's own WANDB_MODE if it is set, else online when logged in, else offline; and disabled when the
+    wandb package is not installed (a machine without network may lack it: training must not depend on it)."""
     if mode != "auto":
         return mode
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        return "disabled"
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
     return "online" if wandb_logged_in() else "offline"
 
 
@@ -112,6 +120,7 @@ class Tracker:
             "mode": mode,
             "name": self.cfg.run.name or self.run_dir.name,
             "entity": self.cfg.log.wandb.entity,
+            "group": self.cfg.log.wandb.group,
             "resume": "allow",
         }
         if run_id:
