@@ -16,6 +16,7 @@
 #                 scikit-image's LFW faces (no FFHQ there; bundled MNIST where scikit-image is missing, as on a
 #                 dev CPU): only speed and precision behaviour are checked, not image quality
 #   eval-mnist32-bf16  one run with periodic evaluation (SWD; FID's Inception file is too big to carry)
+#   sweep-NAME    configs/sweeps/r_ablation.yaml and kp_ablation.yaml with trainer.sweep, 6 runs at a time on GPU 0
 #   bench-P-bB    benchmarks/bench_step.py on the ffhq64 models: fp32/bf16/fp16 at batch 64 with the reference loop;
 #                 without --quick also batch 256 in each precision and the speed levers (bf16, batch 256)
 #
@@ -25,7 +26,8 @@
 # 17, each bench b64 48-58 with --steps 10. Limits: setup 25 + cuda-tests 90 + 6 x 22 (demo, mnist32 runs) + 3 x 60
 # (ffhq64 runs, 10 iterations) + eval 30 + 3 x 65 (bench b64) + 15 to write the results = 667 s for --quick; about
 # 480 s in practice. That is over one device call's 600 s only if most steps hit their limits; to be safe run it as
-# two calls on the warm machine, --only='cuda-tests|run-' and then --only='eval|bench'. Without --quick add
+# two calls on the warm machine, --only='cuda-tests|run-' and then --only='eval|bench'; the sweeps (not yet in the measured figures: about
+# 150 s and 100 s expected) make a third call, --only=sweep. Without --quick add
 # 3 x 25 (bench b256) + 45 (levers). Bookkeeping between steps adds about 0.2 s per step; a step that ignores the
 # TERM of its timeout is killed 5 s later. --dry-run doubles every limit (the CPU is slower to start a process);
 # its sizes are tiny: resolution 16, width 8, batch 16, 2 iterations of n_critic 2.
@@ -79,7 +81,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # The step limits (see the header), in seconds before --dry-run's scaling.
-T_SETUP=25 T_TESTS=90 T_SMALL=22 T_FFHQ=60 T_EVAL=30 T_BENCH=65 T_B256=25 T_LEVERS=45 T_FINISH=15
+T_SETUP=25 T_TESTS=90 T_SMALL=22 T_FFHQ=60 T_EVAL=30 T_SWEEP_R=300 T_SWEEP_KP=200 T_BENCH=65 T_B256=25 T_LEVERS=45
+T_FINISH=15
 
 # ---------------------------------------------------------------------------------------------------------------
 # Records, summary and figures: one small Python program, no torch import (milliseconds per call).
@@ -166,6 +169,9 @@ def record(kind, name, rc, start, end, limit, log, *command):
                             f"{fields['skipped_steps']}, loss scale {'none' if scale is None else f'{scale:g}'}")
         else:
             text_figures = (fields or {}).get("line", "")
+    elif kind == "sweep":
+        done = [line for line in text.splitlines() if line.startswith("sweep ") and " finished, " in line]
+        text_figures = done[-1] if done else (text.strip().splitlines() or [""])[-1]
     elif kind == "bench":
         try:
             figures = json.loads(read(work / "bench" / f"{name}.json"))
@@ -289,7 +295,7 @@ PY
 # ---------------------------------------------------------------------------------------------------------------
 # The step runner.
 export GPU_CHECK_WORK="$WORK" GPU_CHECK_DRY="$DRY" GPU_CHECK_QUICK="$QUICK" GPU_CHECK_STATE=running
-BUDGET=$((T_SETUP + T_TESTS + 6 * T_SMALL + 3 * T_FFHQ + T_EVAL + 3 * T_BENCH + T_FINISH))
+BUDGET=$((T_SETUP + T_TESTS + 6 * T_SMALL + 3 * T_FFHQ + T_EVAL + T_SWEEP_R + T_SWEEP_KP + 3 * T_BENCH + T_FINISH))
 [ "$QUICK" = 0 ] && BUDGET=$((BUDGET + 3 * T_B256 + T_LEVERS))
 BUDGET=$((BUDGET * SCALE))
 NSTEP=0
@@ -367,7 +373,7 @@ finish() {  # on every exit: the final summary and figures, the tar of the scrat
   echo
   cat "$RESULTS/summary.txt" 2>/dev/null
   if [ -n "$ONLY" ] && [ "$NSTEP" -le 1 ] && [ -z "$STOPPED" ]; then
-    echo "gpu_check.sh: --only='$ONLY' matched no step besides setup (names: cuda-tests, run-CONFIG-P, eval-mnist32-bf16, bench-P-bB)" >&2
+    echo "gpu_check.sh: --only='$ONLY' matched no step besides setup (names: cuda-tests, run-CONFIG-P, eval-mnist32-bf16, sweep-NAME, bench-P-bB)" >&2
     exit 2
   fi
   if [ -n "$STOPPED" ]; then
@@ -441,6 +447,29 @@ bench() {  # step name, limit, precision, batch, steps, bench_step options...
   step bench "$name" "$limit" "$PY" benchmarks/bench_step.py --config configs/ffhq64.yaml "data.source=$FACES" \
     eval.every=0 log.wandb.mode=disabled "train.mixed_precision=$precision" "${sizes[@]}" "${options[@]}" --json
 }
+# The shipped laptop-scale sweeps, six runs at a time on the one GPU (--gpus 0,0,0,0,0,0: each run is small), with
+# W&B off (WANDB_MODE=disabled above). Each sweep directory lives in runs/gpu_check_sweeps/ on the machine, so a
+# step cut off by its limit resumes in the next call (--only=sweep); results.csv/md/png, every run's log, metrics
+# and last sample grid go to rest.tar.gz (sweeps/NAME/). The dry run checks every run's config only.
+sweep() {  # step name, limit, sweep file
+  local name=$1 limit=$2 file=$3
+  local out="runs/gpu_check_sweeps/${name#sweep-}" mode=(--gpus 0,0,0,0,0,0)
+  [ "$DRY" = 1 ] && mode=(--dry-run)
+  step sweep "$name" "$limit" "$PY" -m trainer.sweep "$file" --out "$out" "${mode[@]}"
+  [ -d "$out" ] || return 0
+  local keep="$WORK/sweeps/${name#sweep-}" run
+  mkdir -p "$keep"
+  cp "$out"/results.* "$out"/sweep.yaml "$keep"/ 2>/dev/null
+  for run in "$out"/runs/*/; do
+    mkdir -p "$keep/runs/$(basename "$run")"
+    cp "$run"sweep.log "$run"metrics.jsonl "$run"sweep_status.json "$keep/runs/$(basename "$run")"/ 2>/dev/null
+    cp "$(ls "$run"samples/iter-*.png 2>/dev/null | tail -1)" "$keep/runs/$(basename "$run")"/ 2>/dev/null
+  done
+  return 0
+}
+sweep sweep-r_ablation "$T_SWEEP_R" configs/sweeps/r_ablation.yaml
+sweep sweep-kp_ablation "$T_SWEEP_KP" configs/sweeps/kp_ablation.yaml
+
 B64_STEPS=20
 [ "$QUICK" = 1 ] && B64_STEPS=10
 bench bench-bf16-b64 "$T_BENCH" bf16 64 "$B64_STEPS"

@@ -51,6 +51,8 @@ def test_gpu_check_dry_run_writes_four_files_with_every_step(tmp_path):
     assert figures["card"] and figures["torch"] and figures["accelerate"]
     assert figures["mode"] == {"quick": True, "dry_run": True}
     assert {"setup", "cuda-tests", "eval-mnist32-bf16"} <= set(steps)
+    for name in ("sweep-r_ablation", "sweep-kp_ablation"):  # the dry run checks every run's config
+        assert steps[name]["status"] == "PASS" and "every config is valid" in steps[name]["summary"], steps[name]
     for config in CONFIGS:
         for label in PRECISIONS.values():
             assert f"run-{config}-{label}" in steps, (config, label, sorted(steps))
