@@ -43,7 +43,7 @@ def test_shipped_sweep_passes_wandb_schema_and_every_run_config_is_valid(path):
     assert wandb_schema_violations(yaml.safe_load(path.read_text())) == []
     sweep = sweeps.read_sweep(path)
     runs = sweeps.expand(sweep)
-    sweeps.check_runs(sweep, runs)  # raises on the first run whose config is not valid
+    sweeps.check_runs(sweep, runs, REPO / "runs" / "sweeps" / sweep.name)  # raises on a bad config
     assert len({r.name for r in runs}) == len(runs)
 
 
@@ -237,3 +237,63 @@ def test_under_a_wandb_agent_each_run_writes_to_its_own_directory(tmp_path):
                             text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout
     assert (tmp_path / "run7" / "checkpoints").is_dir() and not (tmp_path / "checkpoints").exists()
+
+
+def test_results_of_list_valued_parameters_group_by_value(tmp_path):
+    """train.betas is a list: the table and chart group runs by it (a list is not hashable as is)."""
+    betas = {"values": [[0.5, 0.999], [0.0, 0.9]]}
+    path = write_sweep(tmp_path, {"train.betas": betas, "run.seed": {"values": [0, 1]}})
+    sweep = sweeps.read_sweep(path)
+    runs = sweeps.expand(sweep)
+    assert [r.name for r in runs] == ["seed=0_betas=0.5,0.999", "seed=0_betas=0.0,0.9", "seed=1_betas=0.5,0.999",
+                                      "seed=1_betas=0.0,0.9"]  # fmt: skip
+    for i, run in enumerate(runs):
+        run.status, run.metrics = ("finished", {"metrics/swd": 10.0 + i}) if i != 3 else ("failed", {})
+    written = sweeps.write_results(sweep, runs, tmp_path)
+    assert len(written) == 3
+    table = (tmp_path / "results.md").read_text()
+    assert "| 0.5,0.999 | 11 | 2 | seed 0: 10, seed 1: 12 | 2/2 |" in table
+    assert "| 0.0,0.9 | 11 | - | seed 0: 11, seed 1: failed | 1/2 |" in table
+
+
+def test_runs_never_share_a_directory_and_names_the_yaml_parser_would_misread_stay_strings(tmp_path):
+    """From the review: 0.12345 and 0.12346 were both named k=0.1235 (the second run resumed the first's weights);
+    a sweep named "tiny #2" lost everything after the # (a YAML comment) in every run's run.dir."""
+    from trainer.config import load_config
+
+    close = write_sweep(tmp_path, {"loss.k": {"values": [0.12345, 0.12346]}, "run.name": {"values": ["a b", "a-b"]}})
+    runs = sweeps.expand(sweeps.read_sweep(close))
+    assert len({r.name for r in runs}) == 4 and runs[0].name.startswith("k=0.12345")
+    for name in ("tiny #2", "2024", "r ablation: v2", "[a]"):
+        sweep = sweeps.read_sweep(write_sweep(tmp_path, {"loss.r": {"value": "fake"}}, name=name))
+        run = sweeps.expand(sweep)[0]
+        out = tmp_path / "out dir" / "#1"
+        cfg = load_config(REPO / "configs/demo.yaml", [*run.overrides, *sweeps.runner_overrides(sweep, run, out)])
+        assert (cfg.run.dir, cfg.log.wandb.group, cfg.run.name) == (str(out), name, f"{name}/run")
+
+
+def test_a_second_runner_on_the_same_directory_is_refused(tmp_path):
+    first = sweeps.hold_the_directory(tmp_path)
+    with pytest.raises(sweeps.SweepError, match=f"another runner \\(pid {os.getpid()} on .*\\) is running"):
+        sweeps.hold_the_directory(tmp_path)
+    first.close()  # the first one ends: the directory is free again
+    sweeps.hold_the_directory(tmp_path).close()
+
+
+def test_odd_files_in_a_run_directory_are_read_as_not_finished(tmp_path):
+    sweep = sweeps.read_sweep(write_sweep(tmp_path, {"loss.r": {"value": "fake"}}))
+    (run,) = sweeps.expand(sweep)
+    run.iterations = 30
+    (tmp_path / sweeps.STATUS_FILE).write_text("null")  # valid JSON, not the runner's
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 30, "metrics/sw')  # cut short by a crash
+    sweeps.load_status(run, tmp_path)
+    assert run.status == "pending"  # to run again (--resume auto), not finished and not failed
+    # The trainer's next evaluation starts on a line of its own, so the run can finish.
+    from trainer.tracking import Tracker
+
+    tracker = Tracker.__new__(Tracker)
+    tracker.main, tracker.run, tracker.run_dir, tracker.total, tracker.bar = True, None, tmp_path, 30, None
+    tracker.metrics_write_failed = False
+    tracker.metrics(30, {"metrics/swd": 12.5})
+    sweeps.load_status(run, tmp_path)
+    assert run.status == "finished" and run.metrics == {"metrics/swd": 12.5}

@@ -19,9 +19,11 @@ their newest checkpoint, and failed runs stay failed unless --retry-failed. The 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -29,6 +31,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,7 +209,7 @@ def expand(sweep: Sweep) -> list[Run]:
     else:
         rng = random.Random(0)  # the same draws on every invocation: a resumed sweep finds its runs again
         combos = [tuple(_draw(sweep.parameters[k], rng) for k in keys) for _ in range(sweep.run_cap)]
-    varying = [k for i, k in enumerate(keys) if len({json.dumps(c[i], sort_keys=True) for c in combos}) > 1]
+    varying = [k for i, k in enumerate(keys) if len({_same(c[i]) for c in combos}) > 1]
     short = {k: k.rsplit(".", 1)[-1] for k in varying}
     if len(set(short.values())) < len(short):
         short = {k: k for k in varying}
@@ -217,13 +220,23 @@ def expand(sweep: Sweep) -> list[Run]:
             name = f"run-{index:03d}"
         else:
             name = "_".join(f"{short[k]}={_format(values[k])}" for k in varying) or "run"
-            name = re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
+            name = re.sub(r"[^A-Za-z0-9._=+,-]", "-", name)
+            if len(name) > 120:  # a file name has at most 255 bytes: keep it readable and unique
+                name = f"{name[:100]}_{hashlib.sha1(_same(values).encode()).hexdigest()[:10]}"
         runs.append(Run(index, name, values, [f"{k}={v}" for k, v in values.items()]))  # W&B's own formatting
+    # Values that differ only in characters a directory name cannot hold (a b, a-b) must not share a directory.
+    counts = collections.Counter(run.name for run in runs)
+    for run in runs:
+        if counts[run.name] > 1:
+            run.name = f"{run.name}_{run.index + 1:03d}"
     return runs
 
 
 def _format(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A value as names and tables show it: in full (0.12345 and 0.12346 are two settings), lists joined by ","."""
+    if isinstance(value, list):
+        return ",".join(_format(v) for v in value)
+    return str(value)
 
 
 def run_command(sweep: Sweep, run: Run, run_dir: Path) -> list[str]:
@@ -238,9 +251,14 @@ def run_command(sweep: Sweep, run: Run, run_dir: Path) -> list[str]:
             command.append(sys.executable)  # the interpreter (and virtual environment) of the runner
         else:
             command.append(chunk.replace("${program}", sweep.program))
-    group = f"log.wandb.group={sweep.name}"
-    return [*command, f"run.dir={run_dir}", f"run.name={sweep.name}/{run.name}", group, "eval.at_end=true",
-            "--resume", "auto"]  # fmt: skip
+    return [*command, *runner_overrides(sweep, run, run_dir), "--resume", "auto"]
+
+
+def runner_overrides(sweep: Sweep, run: Run, run_dir: Path) -> list[str]:
+    """What the local runner adds to every run; strings JSON-quoted, so that the trainer's YAML parser reads a name
+    such as "tiny #2" or "2024" as the string it is."""
+    quoted = {"run.dir": str(run_dir), "run.name": f"{sweep.name}/{run.name}", "log.wandb.group": sweep.name}
+    return [*(f"{key}={json.dumps(value)}" for key, value in quoted.items()), "eval.at_end=true"]
 
 
 def base_config(sweep: Sweep) -> str | None:
@@ -254,9 +272,19 @@ def base_config(sweep: Sweep) -> str | None:
     return None
 
 
-def check_runs(sweep: Sweep, runs: list[Run]) -> None:
-    """Load every run's config before any training: a bad value stops the sweep now, not after hours of runs."""
+def check_runs(sweep: Sweep, runs: list[Run], out: Path) -> None:
+    """Load every run's config (with the runner's own overrides) and check the command's program and executable
+    before any training: a mistake stops the sweep now, not after hours of runs."""
     from trainer.config import load_config
+
+    program = Path(sweep.program)
+    if not program.is_file():
+        raise _fail(sweep.path, f"program {sweep.program} does not exist (paths are relative to the directory the "
+                                f"sweep is started from, {Path.cwd()}).")  # fmt: skip
+    executable = run_command(sweep, runs[0], out / "runs" / runs[0].name)[0]
+    if shutil.which(executable) is None:
+        raise _fail(sweep.path, f"the command's executable '{executable}' is not on PATH (activate the virtual "
+                                f"environment that has it, or write python to use {sys.executable}).")  # fmt: skip
 
     config = base_config(sweep)
     if config is None:
@@ -267,7 +295,7 @@ def check_runs(sweep: Sweep, runs: list[Run]) -> None:
                                 f"directory the sweep is started from, {Path.cwd()}).")  # fmt: skip
     for run in runs:
         try:
-            cfg = load_config(path, run.overrides)
+            cfg = load_config(path, [*run.overrides, *runner_overrides(sweep, run, out / "runs" / run.name)])
         except UserError as error:
             raise _fail(sweep.path, f"run {run.index + 1} ({run.name}) has no valid config: {error}") from None
         run.iterations = cfg.train.iterations
@@ -294,6 +322,27 @@ def prepare_directory(sweep: Sweep, out: Path) -> None:
                          f"Pass --out DIR with a directory this user can write.") from None  # fmt: skip
 
 
+def hold_the_directory(out: Path):
+    """An exclusive lock on out/.lock for the runner's lifetime: a second runner on the same directory would train
+    the same runs into the same files. Released by the kernel when the process ends, however it ends."""
+    import fcntl
+
+    handle = open(out / ".lock", "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file is open
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise SweepError(
+            f"Sweep error: another runner ({holder}) is running the sweep in '{out}'; two would train the same runs "
+            f"into the same files. Wait for it to finish, or stop it (Ctrl-C) and run this command again."
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    return handle
+
+
 def final_metrics(run_dir: Path, iteration: int) -> dict[str, float] | None:
     """The evaluation at `iteration` in run_dir/metrics.jsonl (the later line wins), or None."""
     found = None
@@ -316,6 +365,8 @@ def load_status(run: Run, run_dir: Path) -> None:
     try:
         saved = json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
+        saved = {}
+    if not isinstance(saved, dict):  # valid JSON, but not what the runner writes
         saved = {}
     run.seconds, run.error = float(saved.get("seconds", 0.0)), str(saved.get("error", ""))
     metrics = final_metrics(run_dir, run.iterations)
@@ -436,7 +487,13 @@ class Runner:
             run.status = "interrupted"
             print(f"sweep: [{position}] {run.name}: stopped; it resumes from its checkpoint next time", flush=True)
         else:
-            run.status, run.error = "failed", last_error(run_dir / LOG_FILE)
+            run.status = "failed"
+            if process.returncode < 0:  # no last words: the kernel or someone else ended it
+                name = signal.Signals(-process.returncode).name
+                run.error = (f"killed by {name} (signal {-process.returncode}; the out-of-memory killer sends SIGKILL)"
+                             f"; --retry-failed resumes it from its newest checkpoint")  # fmt: skip
+            else:
+                run.error = last_error(run_dir / LOG_FILE)
             print(f"sweep: [{position}] {run.name}: FAILED (exit {process.returncode}): {run.error}", flush=True)
         save_status(run, run_dir)
 
@@ -468,7 +525,7 @@ class Runner:
 def setting_keys(sweep: Sweep, runs: list[Run]) -> list[str]:
     """The parameters that vary across runs, other than the seed: what a 'setting' is."""
     keys = sorted(sweep.parameters)
-    return [k for k in keys if k != SEED_KEY and len({json.dumps(r.values[k], default=str) for r in runs}) > 1]
+    return [k for k in keys if k != SEED_KEY and len({_same(r.values[k]) for r in runs}) > 1]
 
 
 def write_results(sweep: Sweep, runs: list[Run], out: Path, chart: bool = True) -> list[str]:
@@ -498,12 +555,23 @@ def write_results(sweep: Sweep, runs: list[Run], out: Path, chart: bool = True) 
     return written
 
 
+def _same(value) -> str:
+    """A hashable identity of a parameter value (values may be lists, as train.betas)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _distinct(values) -> list:
+    return list({_same(v): v for v in values}.values())
+
+
 def grouped(sweep: Sweep, runs: list[Run]) -> list[tuple[tuple, list[Run]]]:
+    """(setting values, its runs) in the order of the runs; a setting is the values of setting_keys."""
     keys = setting_keys(sweep, runs)
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[str, tuple[tuple, list[Run]]] = {}
     for run in runs:
-        groups.setdefault(tuple(run.values[k] for k in keys), []).append(run)
-    return list(groups.items())
+        setting = tuple(run.values[k] for k in keys)
+        groups.setdefault(_same(setting), (setting, []))[1].append(run)
+    return list(groups.values())
 
 
 def results_markdown(sweep: Sweep, runs: list[Run]) -> str:
@@ -553,10 +621,10 @@ def write_chart(sweep: Sweep, runs: list[Run], path: Path) -> str | None:
     # With two setting keys, the one with more values is the x-axis and the other the colour (r x loss, k x p).
     hue_key = None
     if len(keys) == 2:
-        counts = [len({json.dumps(r.values[k], default=str) for r in runs}) for k in keys]
+        counts = [len({_same(r.values[k]) for r in runs}) for k in keys]
         x_key, hue_key = (keys[0], keys[1]) if counts[0] >= counts[1] else (keys[1], keys[0])
-        x_values = list(dict.fromkeys(r.values[x_key] for r in runs))
-        hues = list(dict.fromkeys(r.values[hue_key] for r in runs))
+        x_values = _distinct(r.values[x_key] for r in runs)
+        hues = _distinct(r.values[hue_key] for r in runs)
     else:
         x_values = [s for s, _ in grouped(sweep, runs)]
         hues = [None]
@@ -567,9 +635,11 @@ def write_chart(sweep: Sweep, runs: list[Run], path: Path) -> str | None:
     for h, hue in enumerate(hues):
         for i, x in enumerate(x_values):
             if hue_key is None:
-                members = [r for r in runs if tuple(r.values[k] for k in keys) == x]
+                members = [r for r in runs if _same(tuple(r.values[k] for k in keys)) == _same(x)]
             else:
-                members = [r for r in runs if r.values[x_key] == x and r.values[hue_key] == hue]
+                members = [
+                    r for r in runs if _same(r.values[x_key]) == _same(x) and _same(r.values[hue_key]) == _same(hue)
+                ]
             values = [r.metrics[metric] for r in members if r.status == "finished" and metric in r.metrics]
             position = i - 0.4 + width * (h + 0.5)
             colour = colours[h % len(colours)]
@@ -577,7 +647,7 @@ def write_chart(sweep: Sweep, runs: list[Run], path: Path) -> str | None:
                 label = f"{hue_key}={_format(hue)}" if hue_key and i == 0 else None
                 axes.bar(position, sum(values) / len(values), width * 0.9, color=colour, alpha=0.45, label=label)
                 axes.scatter([position] * len(values), values, color=colour, s=18, zorder=3)
-            failed = len(members) - len(values)
+            failed = sum(r.status == "failed" for r in members)  # not the ones still to run
             if failed:
                 axes.scatter([position] * failed, [floor] * failed, marker="x", color="black", zorder=4)
     if hue_key is None:
@@ -589,7 +659,7 @@ def write_chart(sweep: Sweep, runs: list[Run], path: Path) -> str | None:
     axes.set_ylabel(f"{metric} ({'lower' if sweep.goal == 'minimize' else 'higher'} is better)")
     seeds = len({r.values.get(SEED_KEY) for r in runs})
     axes.set_title(f"{sweep.name}: bar = mean over {seeds} seed(s), dots = seeds, x = failed", fontsize=10)
-    if hue_key is not None:
+    if hue_key is not None and axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8)
     finished = [r.metrics[metric] for r in runs if r.status == "finished" and metric in r.metrics]
     if finished and min(finished) > 0 and max(finished) > 4 * min(finished):
@@ -625,8 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         sweep = read_sweep(args.sweep)
         runs = expand(sweep)
-        check_runs(sweep, runs)
-        out = Path(args.out or f"runs/sweeps/{sweep.name}")
+        out = Path(args.out or f"runs/sweeps/{re.sub(r'[^A-Za-z0-9._=+,-]', '-', sweep.name)}")
+        check_runs(sweep, runs, out)
         if args.dry_run:
             for run in runs:
                 command = shlex.join(run_command(sweep, run, out / "runs" / run.name))
@@ -635,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         slots = devices(args.gpus)
         prepare_directory(sweep, out)
+        lock = hold_the_directory(out)  # noqa: F841 - held until the process exits
         runner = Runner(sweep, runs, out, slots)
         for run in runs:
             load_status(run, runner.run_dir(run))
