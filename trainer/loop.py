@@ -609,6 +609,9 @@ class Trainer:
 
     def summary(self, started: float, first_iteration: int) -> str:
         """One line at the end of training (also what launch/gpu_check.sh collects)."""
+        if self.state.iteration == first_iteration:  # resumed at the end: no speed to report
+            return (f"finished: iteration {self.state.iteration}, precision {self.cfg.train.mixed_precision}: already "
+                    f"trained to train.iterations; nothing to do")  # fmt: skip
         seconds, iterations = time.perf_counter() - started, max(self.state.iteration - first_iteration, 1)
         images = iterations * self.cfg.train.n_critic * self.cfg.train.batch_size
         scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else None

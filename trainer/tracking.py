@@ -169,8 +169,11 @@ class Tracker:
         if self.run is not None:
             self.run.log({"iteration": iteration, **values})
         try:
-            with open(self.run_dir / METRICS_FILE, "a") as out:
-                out.write(json.dumps({"iteration": iteration, **values}) + "\n")
+            with open(self.run_dir / METRICS_FILE, "a+b") as out:
+                # A line cut short by a crash must not swallow this one: start on a line of its own.
+                out.seek(0, os.SEEK_END)
+                cut = out.tell() > 0 and (out.seek(-1, os.SEEK_END), out.read(1))[1] != b"\n"
+                out.write((("\n" if cut else "") + json.dumps({"iteration": iteration, **values}) + "\n").encode())
         except OSError as error:  # a full disk must not end the run: the metrics are also on the console (and W&B)
             if not self.metrics_write_failed:
                 self.note(f"warning: cannot append to {self.run_dir / METRICS_FILE} ({error}); training goes on, "
