@@ -507,6 +507,15 @@ def test_evaluate_cli_prints_one_json_object_and_reports_user_errors(tmp_path, c
     assert combined["metrics/kid_se"] > 1e-3 * abs(combined["metrics/kid"]) and combined["metrics/kid_se"] > 1e-9
     assert combined["metrics/swd"] == pytest.approx(result["metrics/swd"], rel=1e-4)
 
+    # --real-baseline: held-apart real images score far below a 2-iteration generator (the floor at this count)
+    assert main(["--checkpoint", str(checkpoint), "--metrics", "swd", "--num-images", "64", "--real-baseline"]) == 0
+    baseline = json.loads(capsys.readouterr().out)
+    assert baseline["metrics/swd"] == pytest.approx(result["metrics/swd"], rel=1e-4)
+    assert 0 < baseline["real_baseline"]["metrics/swd"] < baseline["metrics/swd"] / 3
+    assert main(["--checkpoint", str(checkpoint), "--metrics", "swd", "--num-images", "3000", "--real-baseline"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "--real-baseline needs 6000 images" in error and "holds 5000" in error and "Traceback" not in error
+
 
 def test_a_folder_source_is_keyed_by_its_files_so_replaced_images_are_not_served_stale_statistics(tmp_path):
     from PIL import Image

@@ -42,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--inception", default=None, help="TorchScript Inception-v3 file (default: eval.inception).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Where to run.")
+    parser.add_argument(
+        "--real-baseline",
+        action="store_true",
+        help="Also score as many held-apart real images as the generator's (the next ones of the same fixed order, "
+        "none of them in the real statistics): the value a perfect generator would get with this many images.",
+    )
     return parser.parse_args(argv)
 
 
@@ -105,7 +111,47 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     results = evaluate_generator(generator, cfg, LocalProcess(device), metrics=metrics, num_images=num_images)
     iteration = json.loads((path / ckpt.MANIFEST).read_text()).get("iteration")
-    return {"checkpoint": str(path), "iteration": iteration, "num_images": num_images, "ema": args.ema, **results}
+    result = {"checkpoint": str(path), "iteration": iteration, "num_images": num_images, "ema": args.ema, **results}
+    if args.real_baseline:
+        held_apart = HeldApartReal(cfg, num_images, device)
+        result["real_baseline"] = evaluate_generator(
+            held_apart, cfg, LocalProcess(device), metrics=metrics, num_images=num_images
+        )
+    return result
+
+
+class HeldApartReal:
+    """A stand-in generator that returns real images [n, 2n) of the metrics' fixed real order, in order: the real
+    statistics use images [0, n), so these are real images the statistics have not seen."""
+
+    def __init__(self, cfg, num_images: int, device):
+        import torch
+
+        from trainer.data import open_source
+        from trainer.metrics import real_batches, real_order
+
+        source = open_source(cfg.data.source, cfg.data.resolution, cfg.data.channels)
+        if len(source) < 2 * num_images:
+            raise UserError(
+                f"--real-baseline needs {2 * num_images} images (twice --num-images {num_images}), but data.source = "
+                f"'{cfg.data.source}' holds {len(source)}; lower --num-images to {len(source) // 2} or less."
+            )
+        order = real_order(len(source), 2 * num_images)[num_images:]
+        batches = real_batches(source, order, slice(0, num_images), cfg.eval.batch_size, 0, device)
+        self.images = torch.cat([images for _, images in batches]).float().div(127.5).sub(1)  # exact in to_uint8
+        self.next = 0
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __call__(self, z):
+        batch = self.images[self.next : self.next + len(z)]
+        self.next += len(z)
+        return batch
 
 
 def refuse_a_multi_process_launch() -> None:
