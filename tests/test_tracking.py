@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.support import REPO, RUN, TINY, child_env, run_trainer
+from trainer.tracking import last_logged_step
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +101,21 @@ def test_sample_grids_are_logged_as_non_black_images_and_saved_as_png(offline_ru
         assert np.asarray(Image.open(run_dir / "samples" / name)).std() > 0
 
 
+def test_the_last_step_is_read_from_a_wandb_file_cut_anywhere(offline_run, tmp_path):
+    """A resumed run reads where the earlier segments' .wandb files end; a file cut short (a killed process, a
+    full disk) gives the last complete row, never an error or a step it does not hold."""
+    run_dir, _ = offline_run
+    data = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    cut = tmp_path / "cut.wandb"
+    found = []
+    for end in sorted({*range(0, len(data), max(1, len(data) // 300)), len(data)}):
+        cut.write_bytes(data[:end])
+        found.append(last_logged_step(cut))
+    assert found[-1] == 4
+    assert set(found) == {None, 2, 4}
+    assert [-1 if step is None else step for step in found] == sorted(-1 if step is None else step for step in found)
+
+
 def test_resume_continues_the_same_wandb_run(offline_run, tmp_path):
     run_dir, _ = offline_run
     copy = tmp_path / "run"
@@ -143,7 +159,7 @@ KILLED_RUN = textwrap.dedent("""
 def test_a_killed_offline_run_resumes_without_losing_or_repeating_an_iteration(tmp_path):
     """Killed after iteration 7 (checkpoint at 4, rows at 2, 4, 6), resumed at 4: the new segment trains 5-10 again
     but logs only 8 and 10 to W&B, with _step = iteration, so `wandb sync` appends it to the first."""
-    overrides = ["log.wandb.mode=offline", "train.iterations=10", "log.every=2", "log.samples_every=2",
+    overrides = ["log.wandb.mode=offline", "train.iterations=10", "log.every=2", "log.samples_every=4",
                  "checkpoint.every=4", "eval.every=4", "eval.metrics=[swd]", "eval.num_images=16",
                  f"run.dir={tmp_path}"]  # fmt: skip
     env = child_env(WANDB_MODE="offline")
@@ -168,9 +184,11 @@ def test_a_killed_offline_run_resumes_without_losing_or_repeating_an_iteration(t
     assert [row["iteration"] for row in first] == [2, 4, 6]
     assert [row["iteration"] for row in second] == [8, 10]  # after the checkpoint (4) and after the first segment
     assert len(run_ids(wandb_records(tmp_path))) == 1  # one W&B run, two segments
-    # Scalars, sample grids and the evaluation of one iteration share its row.
+    # Scalars, sample grids and the evaluation of one iteration share its row; the grids written after the last
+    # iteration (10 is not a multiple of log.samples_every) join the last row.
     for row in (first[1], second[0]):
         assert {"wasserstein", "samples/ema._type", "metrics/swd"} <= set(row), sorted(row)
+    assert {"wasserstein", "samples/ema._type"} <= set(second[1]), sorted(second[1])
 
 
 def test_two_processes_log_once_with_values_averaged_over_ranks(offline_run, tmp_path):

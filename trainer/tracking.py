@@ -99,6 +99,8 @@ def last_logged_step(path: Path) -> int | None:
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
+    if len(data) < 7:  # killed before its header was written
+        return None
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B transaction log")
     position, parts, last = 7, None, None
@@ -277,8 +279,9 @@ class Tracker:
         self._log(iteration, {k: wandb.Image(v) for k, v in grids.items()})
 
     def advance(self, iteration: int) -> None:
-        """The end of an iteration: its W&B row is complete."""
-        if self.pending_step is not None:
+        """The end of an iteration: its W&B row is complete, except the last one's (the final sample grids come
+        after it; `close` writes it)."""
+        if self.pending_step is not None and iteration < self.total:
             self._flush()
         if self.bar is not None:
             self.bar.update(iteration - self.bar.n)
@@ -295,7 +298,7 @@ class Tracker:
         if self.bar is not None:
             self.bar.close()
         if self.main and self.run is not None:
-            self._flush()  # the samples logged after the last iteration
+            self._flush()  # the last iteration's row, with the sample grids logged after the loop
             # Not accelerator.end_training(): it also destroys the process group the other ranks still use.
             for tracker in self.accelerator.trackers:
                 tracker.finish()
