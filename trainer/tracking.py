@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import struct
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,66 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 METRICS_FILE = "metrics.jsonl"
 
+# W&B's transaction log (run-ID.wandb): a 7-byte header (":W&B", magic, version), then LevelDB-log records in
+# 32 KiB blocks, each chunk behind a 7-byte header (CRC, length, type: 1 full, 2 first, 3 middle, 4 last).
+WANDB_LOG_BLOCK = 32768
+# How often W&B writes its buffered records to the .wandb file (its default is 15 s). A process killed with
+# SIGKILL loses what is still buffered (W&B's service does not flush when its parent dies), so keep it short.
+WANDB_FLUSH_INTERVAL_S = 1.0
+
+
+def last_logged_step(path: Path) -> int | None:
+    """The highest history step written to one .wandb file, or None if it holds no history row.
+
+    Reads what reached the disk, so a segment that was killed counts only the rows it really wrote (a torn last
+    record is ignored)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if len(data) < 7:  # killed before its header was written
+        return None
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B transaction log")
+    position, parts, last = 7, None, None
+    while position + 7 <= len(data):
+        room = WANDB_LOG_BLOCK - position % WANDB_LOG_BLOCK
+        _, length, kind = struct.unpack_from("<IHB", data, position) if room >= 7 else (0, 0, 0)
+        if kind == 0:  # a block's padding: go on at the next block
+            position += room
+            continue
+        body = data[position + 7 : position + 7 + length]
+        if len(body) < length:  # the last chunk was cut off (a killed process)
+            break
+        position += 7 + length
+        if kind in (1, 2):  # full, first
+            parts = [body]
+        elif parts is not None:  # middle, last
+            parts.append(body)
+        if kind in (2, 3) or parts is None:
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(b"".join(parts))
+        parts = None
+        if record.WhichOneof("record_type") != "history":
+            continue
+        steps = [int(item.value_json) for item in record.history.item if "_step" in (item.key, *item.nested_key)]
+        step = record.history.step.num if record.history.HasField("step") else max(steps, default=None)
+        if step is not None:
+            last = step if last is None else max(last, step)
+    return last
+
+
+def previous_wandb_step(wandb_dir: Path, run_id: str) -> int | None:
+    """The highest step any earlier segment of run `run_id` wrote under `wandb_dir` (offline or online)."""
+    steps = []
+    for path in sorted(Path(wandb_dir).glob(f"*run-*-{run_id}/run-{run_id}.wandb")):
+        try:
+            steps.append(last_logged_step(path))
+        except Exception as error:  # a file we cannot read must not stop the run: say so, and log every step
+            print(f"W&B: cannot read {path} ({error}); its steps are not skipped.", file=sys.stderr, flush=True)
+    steps = [step for step in steps if step is not None]
+    return max(steps) if steps else None
+
 
 class Tracker:
     """W&B and console output of the main process; every method is a no-op on the other ranks."""
@@ -100,6 +161,12 @@ class Tracker:
         self.metrics_write_failed = False
         self.run = None
         self.run_id = run_id
+        # W&B's _step is the iteration. Steps below first_step are already in an earlier segment of the run (after
+        # a crash, the iterations since the checkpoint are trained again): W&B keeps those rows, and this segment
+        # logs them to the console and metrics.jsonl only.
+        self.first_step = 0
+        self.pending: dict = {}  # one W&B row per iteration: scalars, samples and metrics of `pending_step`
+        self.pending_step: int | None = None
         self.total = cfg.train.iterations
         self.bar = None
         self.last_time, self.last_iteration = time.perf_counter(), start_iteration
@@ -107,13 +174,14 @@ class Tracker:
             return
         mode = resolve_wandb_mode(cfg.log.wandb.mode)
         if mode != "disabled":
-            self.run_id = self._start_wandb(mode, run_id)
+            self.run_id = self._start_wandb(mode, run_id, start_iteration)
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, initial=start_iteration, unit="it", dynamic_ncols=True, desc="training")
 
-    def _start_wandb(self, mode: str, run_id: str | None) -> str:
+    def _start_wandb(self, mode: str, run_id: str | None, start_iteration: int) -> str:
+        import wandb
 
         init = {
             "dir": str(self.run_dir),
@@ -121,31 +189,61 @@ class Tracker:
             "name": self.cfg.run.name or self.run_dir.name,
             "entity": self.cfg.log.wandb.entity,
             "group": self.cfg.log.wandb.group,
+            # The same id in every segment; "allow" is also recorded in an offline segment, so that `wandb sync`
+            # appends it to the run instead of starting the history again.
             "resume": "allow",
         }
+        if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
+            init["settings"] = wandb.Settings(x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S)
+        previous = None
         if run_id:
             init["id"] = run_id
+            previous = previous_wandb_step(self.run_dir / "wandb", run_id)
         self.accelerator.init_trackers(
             self.cfg.log.wandb.project, config=self.cfg.to_dict(), init_kwargs={"wandb": init}
         )
         self.run = self.accelerator.get_tracker("wandb", unwrap=True)
-        # Charts use the iteration as x-axis; W&B's own step stays monotonic across resumes.
+        # W&B's _step is the iteration (every row is logged with step=iteration), and charts use `iteration` as
+        # their x-axis. An online resume starts at the server's next step (run.step); an offline one at 0, so the
+        # earlier segments' files say where they ended.
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
+        self.first_step = max(self.run.step, 0 if previous is None else previous + 1)
+        if self.first_step > start_iteration + 1:
+            print(
+                f"W&B: iterations {start_iteration + 1}-{self.first_step - 1} were logged by the previous segment "
+                f"before it stopped; W&B keeps those rows (the console and {METRICS_FILE} show the new ones).",
+                file=sys.stderr,
+                flush=True,
+            )
         if mode == "offline":
             print(
                 f"W&B: offline run in {self.run.dir.removesuffix('/files')}; upload it later with "
-                f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*`.",
+                f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*` (all segments of a resumed run in one command).",
                 file=sys.stderr,
                 flush=True,
             )
         return self.run.id
 
+    def _log(self, iteration: int, values: dict) -> None:
+        """Adds to the W&B row of `iteration`; the row is written at the end of the iteration (`advance`)."""
+        if self.run is None or iteration < self.first_step:
+            return
+        if self.pending_step is not None and iteration != self.pending_step:
+            self._flush()
+        self.pending_step = iteration
+        self.pending.update(values)
+
+    def _flush(self) -> None:
+        """Writes the pending row with step=iteration and commits it (W&B drops a later row at the same step)."""
+        if self.run is not None and self.pending_step is not None and self.pending:
+            self.run.log({"iteration": self.pending_step, **self.pending}, step=self.pending_step, commit=True)
+        self.pending, self.pending_step = {}, None
+
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
         if not self.main:
             return
-        if self.run is not None:
-            self.run.log({"iteration": iteration, **values})
+        self._log(iteration, values)
         # A window without a penalty step (loss.every > 1 with a short log.every) has no penalty to show: "-".
         penalty = f"{values['loss/penalty']:.3f}" if "loss/penalty" in values else "-"
         summary = (
@@ -166,8 +264,7 @@ class Tracker:
         counts), and printed on a line of their own."""
         if not self.main:
             return
-        if self.run is not None:
-            self.run.log({"iteration": iteration, **values})
+        self._log(iteration, values)
         try:
             with open(self.run_dir / METRICS_FILE, "a+b") as out:
                 # A line cut short by a crash must not swallow this one: start on a line of its own.
@@ -187,13 +284,17 @@ class Tracker:
             print(line, flush=True)
 
     def images(self, iteration: int, grids: dict[str, np.ndarray]) -> None:
-        if not self.main or self.run is None:
+        if not self.main or self.run is None or iteration < self.first_step:
             return
         import wandb
 
-        self.run.log({"iteration": iteration, **{k: wandb.Image(v) for k, v in grids.items()}})
+        self._log(iteration, {k: wandb.Image(v) for k, v in grids.items()})
 
     def advance(self, iteration: int) -> None:
+        """The end of an iteration: its W&B row is complete, except the last one's (the final sample grids come
+        after it; `close` writes it)."""
+        if self.pending_step is not None and iteration < self.total:
+            self._flush()
         if self.bar is not None:
             self.bar.update(iteration - self.bar.n)
 
@@ -209,6 +310,7 @@ class Tracker:
         if self.bar is not None:
             self.bar.close()
         if self.main and self.run is not None:
+            self._flush()  # the last iteration's row, with the sample grids logged after the loop
             # Not accelerator.end_training(): it also destroys the process group the other ranks still use.
             for tracker in self.accelerator.trackers:
                 tracker.finish()
