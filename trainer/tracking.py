@@ -211,8 +211,8 @@ class Tracker:
         self.first_step = max(self.run.step, 0 if previous is None else previous + 1)
         if self.first_step > start_iteration + 1:
             print(
-                f"W&B: iterations {start_iteration + 1}-{self.first_step - 1} were logged by the previous segment "
-                f"before it stopped; W&B keeps those rows (the console and {METRICS_FILE} show the new ones).",
+                f"W&B: the previous segment logged up to iteration {self.first_step - 1}, which W&B keeps; iterations "
+                f"{start_iteration + 1}-{self.first_step - 1} go to the console and {METRICS_FILE} only.",
                 file=sys.stderr,
                 flush=True,
             )
