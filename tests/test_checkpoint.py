@@ -198,6 +198,9 @@ def test_kill_9_at_random_moments_then_resume_auto_continues(tmp_path):
         # Kill once training is under way (after the first iteration's line), at a random moment after that.
         line = process.stdout.readline()
         while line and not re.match(r"it \d+/150", line):
+            recovered = re.search(r"recovered (\S+) from an interrupted checkpoint write", line)
+            if recovered:  # the kill came after a checkpoint's files were complete, before its rename: it counts
+                newest_before = Path(recovered.group(1))
             if newest_before is not None and "resumed from" in line:
                 assert newest_before.name in line, line  # continued from the newest complete checkpoint
             line = process.stdout.readline()

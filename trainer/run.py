@@ -46,6 +46,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def leave_the_process_group() -> None:
+    """All ranks leave together: left to the interpreter's exit, gloo's threads could abort a rank whose peer had
+    already gone ("terminate called without an active exception", status -6, seen under load in CI)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     plain_warnings()
     try:
@@ -60,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.loop import train
 
         train(cfg, resume=args.resume)
+        leave_the_process_group()
         return 0
     except UserError as error:
         report_user_error(error)
