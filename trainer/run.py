@@ -24,6 +24,7 @@ from trainer.errors import (
     UserError,
     plain_warnings,
     process_rank,
+    processes_connected,
     report_user_error,
     stop_when_the_launcher_dies,
 )
@@ -49,8 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def leave_the_process_group() -> None:
     """All ranks leave together: left to the interpreter's exit, gloo's threads could abort a rank whose peer had
     already gone ("terminate called without an active exception", status -6, seen under load in CI)."""
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    if processes_connected():
+        import torch.distributed as distributed
+
         distributed.barrier()
         distributed.destroy_process_group()
 
@@ -73,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as error:
         report_user_error(error)
-        distributed = sys.modules.get("torch.distributed")
-        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        if processes_connected():
             # Leave without the process group's destructors, as below: with a peer already gone, gloo's threads
             # could abort this process at interpreter exit ("terminate called without an active exception").
             sys.stderr.flush()

@@ -220,7 +220,7 @@ def expand(sweep: Sweep) -> list[Run]:
             name = f"run-{index:03d}"
         else:
             name = "_".join(f"{short[k]}={_format(values[k])}" for k in varying) or "run"
-            name = re.sub(r"[^A-Za-z0-9._=+,-]", "-", name)
+            name = directory_name(name)
             if len(name) > 120:  # a file name has at most 255 bytes: keep it readable and unique
                 name = f"{name[:100]}_{hashlib.sha1(_same(values).encode()).hexdigest()[:10]}"
         runs.append(Run(index, name, values, [f"{k}={v}" for k, v in values.items()]))  # W&B's own formatting
@@ -230,6 +230,11 @@ def expand(sweep: Sweep) -> list[Run]:
         if counts[run.name] > 1:
             run.name = f"{run.name}_{run.index + 1:03d}"
     return runs
+
+
+def directory_name(text: str) -> str:
+    """`text` with every character a directory name should not hold (in a shell, on any filesystem) as "-"."""
+    return re.sub(r"[^A-Za-z0-9._=+,-]", "-", text)
 
 
 def _format(value) -> str:
@@ -695,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         sweep = read_sweep(args.sweep)
         runs = expand(sweep)
-        out = Path(args.out or f"runs/sweeps/{re.sub(r'[^A-Za-z0-9._=+,-]', '-', sweep.name)}")
+        out = Path(args.out or f"runs/sweeps/{directory_name(sweep.name)}")
         check_runs(sweep, runs, out)
         if args.dry_run:
             for run in runs:
